@@ -1,0 +1,153 @@
+"""The in-memory data set every stage consumes, and the checks and splits that build it.
+
+Images stay uint8 (a quarter of float32's memory) and are normalised batch by batch
+(`to_float`) on their way into a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from fallopt.errors import DataError
+
+PIXEL_SCALE = 1.0 / 255.0
+
+
+def to_float(x: np.ndarray) -> np.ndarray:
+    """uint8 pixels to the float32 [0, 1] inputs the models are trained on."""
+    return x.astype(np.float32) * np.float32(PIXEL_SCALE)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images (n, height, width, channels) uint8 and class indices (n,) int64."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train, validation and test splits with the names of their classes."""
+
+    name: str
+    class_names: tuple[str, ...]
+    train: Split
+    val: Split
+    test: Split
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of one image."""
+        return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        """How many classes the labels index."""
+        return len(self.class_names)
+
+    def describe(self) -> str:
+        """One line for the log."""
+        h, w, c = self.input_shape
+        return (
+            f"{self.name}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test, "
+            f"{h}x{w}x{c}, classes {list(self.class_names)}"
+        )
+
+
+def as_images(data: Any, source: str, expected: str) -> np.ndarray:
+    """Check and convert image data to uint8 (n, h, w, c); grayscale (n, h, w) gains c=1.
+
+    Floats are accepted in [0, 1] (scaled by 255) or [0, 255]; NaN and inf are refused.
+    """
+    try:
+        x = np.asarray(data)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{source}: cannot be read as an image array ({e}); {expected}") from None
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[0] == 0 or min(x.shape[1:3]) < 1 or x.shape[3] not in (1, 3, 4):
+        raise DataError(
+            f"{source}: shape {x.shape} is not a stack of images (n, height, width, channels "
+            f"with channels 1, 3 or 4); {expected}"
+        )
+    if x.dtype == np.uint8:
+        return x
+    if np.issubdtype(x.dtype, np.bool_) or not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"{source}: dtype {x.dtype} is not numeric pixel data; {expected}")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).sum())
+        raise DataError(f"{source}: {bad} pixel values are NaN or inf; {expected}")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 255:
+        raise DataError(f"{source}: pixel values span [{lo}, {hi}], outside [0, 255]; {expected}")
+    if np.issubdtype(x.dtype, np.floating) and hi <= 1.0:
+        x = x * 255.0
+    return np.rint(x).astype(np.uint8)
+
+
+def as_labels(labels: Any, n: int, valid: Sequence[int], source: str, expected: str) -> np.ndarray:
+    """Check labels: one per image, integers from `valid`, at least two classes present."""
+    try:
+        y = np.asarray(labels).reshape(-1)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{source}: labels cannot be read as an array ({e}); {expected}") from None
+    if len(y) != n:
+        raise DataError(f"{source}: {len(y)} labels for {n} images; {expected}")
+    if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.rint(y)):
+        y = y.astype(np.int64)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{source}: labels of dtype {y.dtype} are not integers; {expected}")
+    unknown = sorted(set(np.unique(y).tolist()) - set(valid))
+    if unknown:
+        raise DataError(f"{source}: labels {unknown[:10]} are outside {list(valid)}; {expected}")
+    if len(np.unique(y)) < 2:
+        raise DataError(f"{source}: only class {int(y[0])} occurs; need at least two. {expected}")
+    return y.astype(np.int64)
+
+
+def stratified_split(split: Split, fraction: float, seed: int, what: str) -> tuple[Split, Split]:
+    """Split off `fraction` of the samples (rounded up), keeping the class proportions.
+
+    Raises:
+        DataError: when the split would leave a part without every class.
+    """
+    return _split_off(split, int(np.ceil(len(split) * fraction)), seed, what)
+
+
+def limit(split: Split, n: int | None, seed: int) -> Split:
+    """At most n samples, drawn so every class keeps its share (deterministic per seed)."""
+    if n is None or len(split) <= n:
+        return split
+    order = np.random.default_rng(seed).permutation(len(split))
+    # Each sample's rank within its class as a fraction: the smallest n interleave the classes.
+    quantile = np.empty(len(split))
+    for c in np.unique(split.y):
+        members = order[split.y[order] == c]
+        quantile[members] = (np.arange(len(members)) + 0.5) / len(members)
+    kept = np.sort(np.argsort(quantile, kind="stable")[:n])
+    return Split(split.x[kept], split.y[kept])
+
+
+def _split_off(split: Split, n_held: int, seed: int, what: str) -> tuple[Split, Split]:
+    n_classes = len(np.unique(split.y))
+    if n_held < n_classes or len(split) - n_held < n_classes:
+        raise DataError(
+            f"cannot split {len(split)} samples of {n_classes} classes into {what}: "
+            f"{n_held} held out leaves a part without some class. Use more data (raise "
+            "dataset.limit) or another fraction"
+        )
+    keep, held = train_test_split(
+        np.arange(len(split)), test_size=n_held, stratify=split.y, random_state=seed
+    )
+    keep.sort()
+    held.sort()
+    return Split(split.x[keep], split.y[keep]), Split(split.x[held], split.y[held])

@@ -1,0 +1,111 @@
+"""MLflow: where runs go, how they start and end, and what every run logs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from fallopt.config import TrackingConfig
+from fallopt.errors import FalloptError
+
+# The SQLite store's schema migrations log dozens of INFO lines on first use.
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+_SQLITE = "sqlite:///"
+_MAX_TAG = 5000
+
+
+class TrackingError(FalloptError):
+    """The tracking store cannot be reached or written."""
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (relative to the working directory), else None."""
+    return Path(uri[len(_SQLITE) :]) if uri.startswith(_SQLITE) else None
+
+
+def connect(cfg: TrackingConfig) -> str:
+    """Point MLflow at `cfg.uri` and return the id of `cfg.experiment`, creating both if needed.
+
+    A new experiment's artifacts go to `cfg.artifact_location`, by default `artifacts/` beside
+    a SQLite database, so the whole store lives under one folder.
+    """
+    artifact_location = cfg.artifact_location
+    db = sqlite_path(cfg.uri)
+    if db is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingError(f"tracking.uri={cfg.uri}: cannot create {db.parent}: {e}") from None
+        artifact_location = artifact_location or (db.parent / "artifacts").resolve().as_uri()
+    mlflow.set_tracking_uri(cfg.uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(cfg.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location)
+        except MlflowException:  # created meanwhile by a parallel job
+            experiment = mlflow.get_experiment_by_name(cfg.experiment)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+    except MlflowException as e:
+        raise TrackingError(
+            f"tracking.uri={cfg.uri}: cannot open experiment {cfg.experiment!r}: {e.message}. "
+            "Check the URI (or start the tracking server) and that the store is writable"
+        ) from None
+
+
+@contextmanager
+def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) -> Iterator[str]:
+    """Run the body inside an MLflow run and yield its id.
+
+    The run ends FINISHED on success, KILLED on Ctrl-C and FAILED on any error (with the error
+    as tag `fallopt.error`): it is never left RUNNING.
+    """
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    try:
+        yield run.info.run_id
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as e:
+        try:
+            mlflow.set_tag("fallopt.error", f"{type(e).__name__}: {e}"[:_MAX_TAG])
+        finally:
+            mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def log_params(flat: dict[str, Any]) -> None:
+    """Log already flattened params; values become strings as MLflow stores them."""
+    mlflow.log_params({key: str(value) for key, value in flat.items()})
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log metrics, optionally at a step (the epoch for training curves)."""
+    mlflow.log_metrics(metrics, step=step)
+
+
+def log_epoch(epoch: int, logs: dict[str, float]) -> None:
+    """Keras epoch logs as MLflow metrics at step = epoch number (1-based, as Keras prints).
+
+    loss -> train_loss, accuracy -> train_accuracy; val_* keep their names. The last epoch's
+    value is what MLflow shows as the run's metric.
+    """
+    renamed = {k if k.startswith("val_") else f"train_{k}": v for k, v in logs.items()}
+    mlflow.log_metrics(renamed, step=epoch + 1)
+
+
+def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
+    """Copy files into the run's artifact store."""
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)

@@ -1,0 +1,141 @@
+"""Config composition and validation: bad values fail with a clear message, before TensorFlow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from fallopt.config import (
+    CaucaConfig,
+    ConfigError,
+    FalloptConfig,
+    HdsConfig,
+    SyntheticFallsConfig,
+    config_hash,
+    flatten,
+    validate,
+)
+
+from .conftest import REPO
+
+
+def test_default_config_is_the_embedded_fall_run(compose_cfg):
+    cfg = validate(compose_cfg())
+    assert isinstance(cfg, FalloptConfig)
+    assert isinstance(cfg.dataset, SyntheticFallsConfig)
+    assert (cfg.dataset.image_size, cfg.dataset.channels) == (96, 3)
+    assert cfg.model.name == "cauca_cnn"
+    assert cfg.prune.sparsity == 0.0
+    assert cfg.tracking.uri == "sqlite:///mlruns/mlflow.db"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "schema"),
+    [
+        (["dataset=cauca"], CaucaConfig),
+        (["dataset=hds", "model=hds_cnn"], HdsConfig),
+        (["+experiment=hds_lab"], HdsConfig),
+        (["+experiment=smoke"], SyntheticFallsConfig),
+    ],
+)
+def test_every_dataset_option_composes_to_its_schema(compose_cfg, overrides, schema):
+    assert isinstance(validate(compose_cfg(*overrides)).dataset, schema)
+
+
+def test_user_keys_are_overridable(compose_cfg):
+    cfg = validate(
+        compose_cfg(
+            "train.epochs=2",
+            "train.batch_size=8",
+            "train.learning_rate=0.01",
+            "train.val_split=0.3",
+            "seed=7",
+            "dataset.limit=50",
+            "tracking.uri=sqlite:///x.db",
+            "tracking.experiment=e",
+            "prune.sparsity=0.0",
+        )
+    )
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.seed, cfg.dataset.limit) == (2, 8, 7, 50)
+    assert (cfg.train.learning_rate, cfg.train.val_split) == (0.01, 0.3)
+    assert (cfg.tracking.uri, cfg.tracking.experiment) == ("sqlite:///x.db", "e")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=-1", "train.epochs=-1 is invalid: must be >= 1"),
+        ("train.batch_size=0", "train.batch_size=0"),
+        ("train.val_split=1.0", "train.val_split=1.0"),
+        ("train.learning_rate=0", "train.learning_rate=0"),
+        ("dataset.limit=1", "dataset.limit=1"),
+        ("dataset.channels=2", "dataset.channels=2 is invalid: must be 1 or 3"),
+        ("model.filters=[]", "model.filters=[]"),
+        ("prune.sparsity=1.0", "prune.sparsity=1.0"),
+        ("prune.sparsity=0.5", "prune=none does not prune"),
+    ],
+)
+def test_bad_values_name_the_key(compose_cfg, override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate(compose_cfg(override))
+
+
+def test_unknown_option_lists_the_valid_ones(compose_cfg):
+    with pytest.raises(MissingConfigException) as e:
+        compose_cfg("dataset=imagenet")
+    for option in ("synthetic_falls", "cauca", "hds", "digits"):
+        assert option in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override", ["dataset.colour=red", "train.epochs=five", "model.block_order=x"]
+)
+def test_unknown_key_or_wrong_type_fails_composition(compose_cfg, override):
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(override)
+
+
+def test_config_hash_ignores_tracking_but_not_results(compose_cfg):
+    base = config_hash(compose_cfg())
+    assert base == config_hash(compose_cfg("tracking.experiment=other"))
+    assert base != config_hash(compose_cfg("train.epochs=6"))
+    assert len(base) == 12
+
+
+def test_flatten_gives_dotted_keys():
+    assert flatten({"train": {"epochs": 5}, "seed": 0, "a": {"b": {"c": [1]}}}) == {
+        "train.epochs": 5,
+        "seed": 0,
+        "a.b.c": [1],
+    }
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    # Reports, at exit, whether TensorFlow had been imported by then.
+    code = (
+        "import atexit, runpy, sys;"
+        "atexit.register(lambda: print('TENSORFLOW_LOADED=' + str('tensorflow' in sys.modules)));"
+        f"sys.argv = ['fallopt.run', *{list(args)!r}];"
+        "runpy.run_module('fallopt.run', run_name='__main__')"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_bad_value_exits_2_with_one_line_before_tensorflow():
+    proc = _run_cli("train.epochs=-1", "hydra.run.dir=/tmp/fallopt-test-outputs")
+    assert proc.returncode == 2, proc.stderr
+    assert "train.epochs=-1 is invalid: must be >= 1" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "TENSORFLOW_LOADED=False" in proc.stdout
+
+
+def test_cli_unknown_dataset_option_fails_before_tensorflow():
+    proc = _run_cli("dataset=nope")
+    assert proc.returncode != 0
+    assert "Available options in 'dataset'" in proc.stderr
+    assert "TENSORFLOW_LOADED=False" in proc.stdout

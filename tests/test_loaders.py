@@ -1,0 +1,162 @@
+"""Each loader reads its format, and every kind of bad file is refused with a clear message."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from fallopt.config import CaucaConfig, DigitsConfig, HdsConfig, SyntheticFallsConfig
+from fallopt.data import load_dataset
+from fallopt.data.dataset import Split, as_images, limit
+from fallopt.errors import DataError
+
+from .conftest import cauca_dict, write_pickle
+
+
+def _cauca(tmp_path, train=None, test=None):
+    return CaucaConfig(
+        train_path=str(write_pickle(tmp_path / "train.pickle", train or cauca_dict(40))),
+        test_path=str(write_pickle(tmp_path / "test.pickle", test or cauca_dict(20, seed=1))),
+    )
+
+
+def test_cauca_reads_the_lab_format(tmp_path):
+    data = load_dataset(_cauca(tmp_path), val_split=0.25, seed=0)
+    assert data.class_names == ("no_fall", "fall")
+    assert (len(data.train), len(data.val), len(data.test)) == (30, 10, 20)
+    assert data.input_shape == (16, 16, 3)
+    assert data.train.x.dtype == np.uint8 and data.train.y.dtype == np.int64
+    # Validation is a stratified split of the train pickle.
+    assert np.bincount(data.val.y).tolist() == [5, 5]
+
+
+def test_cauca_flat_rows_are_reshaped_with_the_files_dimensions(tmp_path):
+    flat = cauca_dict(40)
+    flat["data"] = flat["data"].reshape(40, -1)
+    data = load_dataset(_cauca(tmp_path, train=flat), val_split=0.25, seed=0)
+    assert data.input_shape == (16, 16, 3)
+
+
+def test_cauca_float_pixels_in_unit_range_become_uint8(tmp_path):
+    payload = cauca_dict(40)
+    payload["data"] = payload["data"].astype(np.float32) / 255.0
+    data = load_dataset(_cauca(tmp_path, train=payload), val_split=0.25, seed=0)
+    assert data.train.x.dtype == np.uint8 and data.train.x.max() > 200
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (cauca_dict(40, labels=None) | {"labels": [0, 1] * 19}, "38 labels for 40 images"),
+        ({k: v for k, v in cauca_dict(40).items() if k != "labels"}, r"missing keys \['labels'\]"),
+        (cauca_dict(40, labels=[i % 3 for i in range(40)]), r"labels \[2\] are outside \[0, 1\]"),
+        (cauca_dict(40, labels=[1] * 40), "only class 1 occurs"),
+        (cauca_dict(40, width=32), "file says height=16, width=32"),
+        (cauca_dict(40, data=np.full((40, 16, 16, 3), np.nan)), "NaN or inf"),
+        (cauca_dict(40, data=np.zeros((40, 16))), "not a stack of images"),
+        (cauca_dict(40, data=np.full((40, 16, 16, 3), 300.0)), r"outside \[0, 255\]"),
+        ([1, 2, 3], "holds a list, not a dict"),
+    ],
+    ids=["length", "keys", "label-range", "one-class", "shape", "nan", "ndim", "range", "not-dict"],
+)
+def test_cauca_bad_contents_name_file_problem_and_format(tmp_path, payload, message):
+    path = write_pickle(tmp_path / "bad.pickle", payload)
+    cfg = CaucaConfig(train_path=str(path), test_path=str(path))
+    with pytest.raises(DataError, match=message) as e:
+        load_dataset(cfg, val_split=0.25, seed=0)
+    assert str(path) in str(e.value)
+    assert "expected the lab's CAUCA format" in str(e.value) or "not a dict" in str(e.value)
+
+
+def test_missing_file_names_it(tmp_path):
+    cfg = CaucaConfig(train_path=str(tmp_path / "nope.pickle"), test_path="x")
+    with pytest.raises(DataError, match=r"nope\.pickle: no such file"):
+        load_dataset(cfg, val_split=0.25, seed=0)
+
+
+def test_not_a_pickle_and_truncated_pickle(tmp_path):
+    text = tmp_path / "text.pickle"
+    text.write_text("data,labels\n1,2\n")
+    truncated = tmp_path / "cut.pickle"
+    truncated.write_bytes(pickle.dumps(cauca_dict(40))[:500])
+    for path in (text, truncated):
+        with pytest.raises(DataError, match=str(path)):
+            load_dataset(CaucaConfig(train_path=str(path), test_path=str(path)), 0.25, 0)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pickle_that_runs_code_is_refused_and_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_pickle(tmp_path / "evil.pickle", {"data": _Exploit()})
+    with pytest.raises(DataError, match=r"refused to load global (posix|os)\.system"):
+        load_dataset(CaucaConfig(train_path=str(path), test_path=str(path)), 0.25, 0)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_train_and_test_of_different_sizes_are_refused(tmp_path):
+    with pytest.raises(DataError, match="use the train and test pickles of one size"):
+        load_dataset(_cauca(tmp_path, test=cauca_dict(20, size=24)), 0.25, 0)
+
+
+def test_hds_real_file_is_read_as_the_lab_prepared_it(hds_pickle):
+    data = load_dataset(HdsConfig(path=str(hds_pickle)), val_split=0.2, seed=0)
+    assert data.class_names == ("ellipse", "rectangle", "triangle")
+    assert data.input_shape == (14, 14, 1)
+    assert len(data.train) + len(data.val) + len(data.test) == 4500
+    assert np.bincount(data.test.y).tolist() == [300, 300, 300]  # stratified 20%
+
+
+def test_hds_wrong_labels_are_refused(tmp_path):
+    path = write_pickle(
+        tmp_path / "hds.pickle",
+        {"train_data": np.zeros((30, 14, 14), np.uint8), "train_labels": np.arange(30) % 3},
+    )
+    with pytest.raises(DataError, match=r"labels \[0\] are outside \[1, 2, 3\]"):
+        load_dataset(HdsConfig(path=str(path)), 0.2, 0)
+
+
+def test_digits_ship_with_scikit_learn():
+    data = load_dataset(DigitsConfig(), val_split=0.2, seed=0)
+    assert data.num_classes == 10 and data.input_shape == (8, 8, 1)
+    assert len(data.train) + len(data.val) + len(data.test) == 1797
+    assert data.train.x.max() == 255
+
+
+def test_limit_caps_pool_and_test_keeping_classes(tmp_path):
+    data = load_dataset(DigitsConfig(limit=100), val_split=0.2, seed=0)
+    assert len(data.train) + len(data.val) == 100 and len(data.test) == 100
+    assert len(np.unique(data.train.y)) == 10
+
+
+def test_limit_too_small_for_a_split_says_what_to_change():
+    with pytest.raises(DataError, match="raise dataset.limit"):
+        load_dataset(DigitsConfig(limit=12), val_split=0.2, seed=0)
+
+
+def test_synthetic_limit_generates_only_what_is_used(tmp_path):
+    cfg = SyntheticFallsConfig(
+        image_size=24, n_train=200, n_test=100, limit=30, cache_dir=str(tmp_path)
+    )
+    data = load_dataset(cfg, val_split=0.2, seed=0)
+    assert (len(data.train) + len(data.val), len(data.test)) == (30, 30)
+    assert sorted(p.name.split("-n")[-1] for p in tmp_path.glob("*.npz")) == ["30.npz", "30.npz"]
+
+
+def test_limit_is_stratified_and_deterministic():
+    y = np.array([0] * 90 + [1] * 10)
+    split = Split(np.zeros((100, 2, 2, 1), np.uint8), y)
+    a, b = limit(split, 20, seed=1), limit(split, 20, seed=1)
+    assert np.bincount(a.y).tolist() == [18, 2]
+    assert np.array_equal(a.y, b.y)
+
+
+def test_integer_pixels_outside_uint8_are_refused():
+    with pytest.raises(DataError, match=r"outside \[0, 255\]"):
+        as_images(np.full((2, 4, 4, 1), 1000, np.int32), "x", "fmt")

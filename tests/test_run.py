@@ -1,0 +1,169 @@
+"""A full tracked run, read back from MLflow and checked against an independent evaluation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fallopt.config import config_hash, resolved_dict, validate
+from fallopt.data import load_dataset
+from fallopt.task import run_experiment
+
+from .conftest import REPO, TINY, cauca_dict, write_pickle
+
+
+def _run(compose_cfg, tmp_path, tracking_uri, *overrides):
+    cfg = compose_cfg(*overrides, f"tracking.uri={tracking_uri}")
+    typed = validate(cfg)
+    metrics = run_experiment(typed, resolved_dict(cfg), config_hash(cfg), tmp_path / "out")
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(typed.tracking.experiment)
+    (run,) = client.search_runs([experiment.experiment_id])
+    return typed, cfg, metrics, client, run
+
+
+def test_tracked_run_records_everything_the_ui_needs(compose_cfg, tmp_path, tracking_uri):
+    typed, cfg, metrics, client, run = _run(
+        compose_cfg, tmp_path, tracking_uri, *TINY, "train.epochs=2"
+    )
+    assert run.info.status == "FINISHED"
+    m, params, tags = run.data.metrics, run.data.params, run.data.tags
+
+    for name in (
+        "train_accuracy", "val_accuracy", "test_accuracy", "test_loss", "test_fall_recall",
+        "test_false_alarm_rate", "test_precision_fall", "test_recall_no_fall", "test_f1_fall",
+    ):  # fmt: skip
+        assert 0.0 <= m[name] <= max(1.0, m["test_loss"]), name
+    assert m["n_train"] == 48 and m["n_val"] == 12 and m["n_test"] == 20
+    assert params["train.epochs"] == "2" and params["prune.sparsity"] == "0.0"
+    assert params["model.filters"] == "[4, 8]" and params["dataset.name"] == "synthetic_falls"
+    assert tags["fallopt.config_hash"] == config_hash(cfg)
+    assert tags["fallopt.dataset"] == "synthetic_falls" and tags["fallopt.version"]
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [h.step for h in history] == [1, 2]
+    assert m["val_accuracy"] == history[-1].value == pytest.approx(metrics["val_accuracy"])
+
+    artifacts = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, dst_path=str(tmp_path / "dl"), tracking_uri=tracking_uri
+        )
+    )
+    for name in (
+        "config.yaml",
+        "confusion_matrix.json",
+        "confusion_matrix.png",
+        "training_curves.png",
+        "model/model.keras",
+    ):
+        assert (artifacts / name).is_file(), name
+    assert (artifacts / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert "epochs: 2" in (artifacts / "config.yaml").read_text()
+
+    # The logged model and confusion matrix agree with an independent evaluation.
+    from fallopt.backend import keras
+
+    model = keras().models.load_model(artifacts / "model" / "model.keras")
+    assert model.count_params() == m["params_total"]
+    assert model.optimizer is None  # saved without optimizer state
+    data = load_dataset(typed.dataset, typed.train.val_split, typed.seed)
+    predicted = model.predict(data.test.x.astype(np.float32) / 255.0, verbose=0).argmax(axis=1)
+    expected = np.zeros((2, 2), int)
+    np.add.at(expected, (data.test.y, predicted), 1)
+    assert json.loads((artifacts / "confusion_matrix.json").read_text()) == expected.tolist()
+    assert m["test_accuracy"] == pytest.approx(np.trace(expected) / expected.sum())
+
+
+def test_same_seed_same_run_metrics(compose_cfg, tmp_path, tracking_uri):
+    first = _run(compose_cfg, tmp_path / "a", tracking_uri.replace("mlruns", "a"), *TINY)[2]
+    second = _run(compose_cfg, tmp_path / "b", tracking_uri.replace("mlruns", "b"), *TINY)[2]
+    assert first == second
+
+
+def test_a_failing_run_is_recorded_failed(compose_cfg, tmp_path, tracking_uri, monkeypatch):
+    import fallopt.task
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(fallopt.task, "train_model", broken)
+    with pytest.raises(RuntimeError):
+        _run(compose_cfg, tmp_path, tracking_uri, *TINY)
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fallopt").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "disk on fire" in run.data.tags["fallopt.error"]
+    assert mlflow.active_run() is None
+
+
+def test_bad_data_fails_before_any_run_is_created(compose_cfg, tmp_path, tracking_uri):
+    from fallopt.errors import DataError
+
+    with pytest.raises(DataError):
+        _run(
+            compose_cfg,
+            tmp_path,
+            tracking_uri,
+            "dataset=cauca",
+            f"dataset.train_path={tmp_path}/missing.pickle",
+        )
+    client = MlflowClient(tracking_uri)
+    assert client.search_runs([client.get_experiment_by_name("fallopt").experiment_id]) == []
+
+
+def test_digits_run(compose_cfg, tmp_path, tracking_uri):
+    *_, run = _run(
+        compose_cfg, tmp_path, tracking_uri, "dataset=digits", "model=hds_cnn", "train.epochs=1"
+    )
+    assert run.info.status == "FINISHED" and "test_fall_recall" not in run.data.metrics
+    assert run.data.metrics["n_test"] == 360 and "test_recall_9" in run.data.metrics
+
+
+def test_hds_run_on_the_real_data(compose_cfg, tmp_path, tracking_uri, hds_pickle):
+    *_, run = _run(
+        compose_cfg,
+        tmp_path,
+        tracking_uri,
+        "+experiment=hds_lab",
+        f"dataset.path={hds_pickle}",
+        "train.epochs=3",
+    )
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["params_total"] == 37_443
+    # Three classes (chance 0.33); the lab reached 0.884 after 10 epochs.
+    assert run.data.metrics["test_accuracy"] > 0.7
+
+
+def test_cauca_run_on_lab_format_pickles(compose_cfg, tmp_path, tracking_uri):
+    train = write_pickle(tmp_path / "data_train_96_96_3.pickle", cauca_dict(40, size=24))
+    test = write_pickle(tmp_path / "data_test_96_96_3.pickle", cauca_dict(20, size=24, seed=1))
+    *_, run = _run(
+        compose_cfg, tmp_path, tracking_uri, *TINY[3:], "dataset=cauca",
+        f"dataset.train_path={train}", f"dataset.test_path={test}",
+    )  # fmt: skip
+    assert run.info.status == "FINISHED" and run.data.metrics["n_test"] == 20
+    assert "test_fall_recall" in run.data.metrics
+
+
+def test_cli_runs_end_to_end(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    args = [*TINY, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path}/out"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fallopt.run", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("[config]", "[data]", "[model]", "[train]", "[evaluate]", "[track]"):
+        assert stage in proc.stdout
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fallopt").experiment_id])
+    assert run.info.status == "FINISHED"

@@ -1,0 +1,79 @@
+"""Training is reproducible per seed; metrics match hand computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fallopt.config import ModelConfig, TrainConfig
+from fallopt.data import Split
+from fallopt.evaluate import evaluate_probabilities
+from fallopt.models import build_model
+from fallopt.train import seed_everything, train_model
+
+
+def test_binary_metrics_by_hand():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
+    p_fall = np.array([0.1, 0.2, 0.9, 0.4, 0.8, 0.7, 0.3, 0.6, 0.9, 0.2])
+    ev = evaluate_probabilities(y, np.stack([1 - p_fall, p_fall], axis=1))
+    # true no_fall: 4 right, 1 false alarm; true fall: 4 caught, 1 missed
+    assert ev.confusion.tolist() == [[4, 1], [1, 4]]
+    m = ev.metrics(("no_fall", "fall"))
+    assert m["test_accuracy"] == pytest.approx(0.8)
+    assert m["test_fall_recall"] == pytest.approx(0.8)
+    assert m["test_false_alarm_rate"] == pytest.approx(0.2)
+    assert m["test_precision_fall"] == pytest.approx(0.8)
+    p_true = np.where(y == 1, p_fall, 1 - p_fall)
+    assert m["test_loss"] == pytest.approx(-np.mean(np.log(p_true)))
+
+
+def test_multiclass_has_per_class_scores_and_no_fall_metrics():
+    y = np.array([0, 1, 2, 2])
+    probs = np.eye(3)[[0, 1, 1, 2]]
+    m = evaluate_probabilities(y, probs).metrics(("a", "b", "c"))
+    assert m["test_recall_c"] == pytest.approx(0.5) and m["test_precision_b"] == pytest.approx(0.5)
+    assert "test_fall_recall" not in m
+
+
+def _tiny_run(seed: int):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(48, 12, 12, 1), dtype=np.uint8)
+    y = np.arange(48) % 2
+    x[y == 1, 3:9, 3:9] = 255  # learnable: a bright square means class 1
+    cfg = ModelConfig(name="t", filters=[4], kernel_size=3, dense_units=[8])
+    seed_everything(seed)
+    model = build_model(cfg, (12, 12, 1), 2)
+    history = train_model(
+        model,
+        Split(x[:32], y[:32]),
+        Split(x[32:], y[32:]),
+        TrainConfig(epochs=2, batch_size=8),
+        seed,
+    )
+    return model, history
+
+
+def test_same_seed_gives_identical_weights_and_history():
+    (m1, h1), (m2, h2) = _tiny_run(1), _tiny_run(1)
+    assert h1 == h2
+    for w1, w2 in zip(m1.get_weights(), m2.get_weights(), strict=True):
+        np.testing.assert_array_equal(w1, w2)
+    m3, _ = _tiny_run(2)
+    assert not np.array_equal(m1.get_weights()[0], m3.get_weights()[0])
+
+
+def test_epoch_hook_sees_every_epoch():
+    seen = []
+    rng = np.random.default_rng(0)
+    split = Split(rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8), np.arange(16) % 2)
+    model = build_model(ModelConfig(name="t", filters=[2], kernel_size=3), (8, 8, 1), 2)
+    train_model(
+        model,
+        split,
+        split,
+        TrainConfig(epochs=3, batch_size=8),
+        0,
+        lambda e, logs: seen.append((e, sorted(logs))),
+    )
+    assert [e for e, _ in seen] == [0, 1, 2]
+    assert seen[0][1] == ["accuracy", "loss", "val_accuracy", "val_loss"]

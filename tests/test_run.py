@@ -102,6 +102,28 @@ def test_a_failing_run_is_recorded_failed(compose_cfg, tmp_path, tracking_uri, m
     assert mlflow.active_run() is None
 
 
+def test_ctrl_c_ends_the_run_killed(compose_cfg, tmp_path, tracking_uri, monkeypatch):
+    import fallopt.task
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fallopt.task, "train_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(compose_cfg, tmp_path, tracking_uri, *TINY)
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fallopt").experiment_id])
+    assert run.info.status == "KILLED"
+    assert mlflow.active_run() is None
+
+
+def test_unwritable_tracking_store_is_named(compose_cfg, tmp_path):
+    from fallopt.track import TrackingError
+
+    with pytest.raises(TrackingError, match=r"tracking.uri=sqlite:////proc/fallopt/mlflow.db"):
+        _run(compose_cfg, tmp_path, "sqlite:////proc/fallopt/mlflow.db", *TINY)
+
+
 def test_bad_data_fails_before_any_run_is_created(compose_cfg, tmp_path, tracking_uri):
     from fallopt.errors import DataError
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -167,24 +168,90 @@ class TrainConfig:
 
 
 class PruneMethod(str, Enum):
-    """Pruning schedules. Only `none` is implemented so far."""
+    """Pruning schedules: none, tfmot's ConstantSparsity, or its PolynomialDecay."""
 
     none = "none"
+    constant = "constant"
+    polynomial = "polynomial"
+
+
+class ScheduleUnit(str, Enum):
+    """The unit of `prune.begin` and `prune.end`."""
+
+    epochs = "epochs"
+    steps = "steps"
+
+
+PRUNE_SCOPES = ("dense", "conv", "all")
 
 
 @dataclass
 class PruneConfig:
-    """Every option carries `sparsity`, so `prune.sparsity=...` works with the default group."""
+    """Magnitude pruning during a fine-tune of the baseline.
 
-    method: PruneMethod = PruneMethod.none
+    Every option carries `sparsity`, so `prune.sparsity=...` works with the default group;
+    0.0 fine-tunes without pruning (the start of the lab's sweep). `scope` is `dense`,
+    `conv`, `all` (every prunable layer) or a regular expression over layer names.
+    `begin` and `end` are counted in `unit` from the start of the fine-tune; `end` null means
+    the end of the fine-tune. `m_by_n: [2, 4]` keeps 2 weights of every 4 (structured 2:4).
+    """
+
+    method: PruneMethod = PruneMethod.constant
     sparsity: float = 0.0
+    initial_sparsity: float = 0.0
+    power: float = 3.0
+    scope: str = "dense"
+    fine_tune_epochs: int = 2
+    begin: float = 0.0
+    end: float | None = None
+    unit: ScheduleUnit = ScheduleUnit.epochs
+    # Steps between mask updates. tfmot's default of 100 never fires in a short fine-tune.
+    frequency: int = 1
+    m_by_n: list[int] | None = None
 
     def __post_init__(self) -> None:
         _check_fraction("prune.sparsity", self.sparsity, allow_zero=True)
-        if self.method is PruneMethod.none and self.sparsity != 0.0:
-            raise ConfigError(
-                f"prune.sparsity={self.sparsity} needs a pruning schedule, but prune=none "
-                "does not prune and no schedule is available yet: use prune.sparsity=0.0"
+        if self.method is PruneMethod.none:
+            if self.sparsity != 0.0:
+                raise ConfigError(
+                    f"prune.sparsity={self.sparsity} needs a schedule, but prune=none does not "
+                    "prune: use prune=constant (the default) or prune=polynomial"
+                )
+            return
+        _check_fraction("prune.initial_sparsity", self.initial_sparsity, allow_zero=True)
+        if self.method is PruneMethod.polynomial:
+            _require(
+                self.initial_sparsity <= self.sparsity,
+                "prune.initial_sparsity",
+                self.initial_sparsity,
+                f"must not exceed the final prune.sparsity={self.sparsity}",
+            )
+            _require(self.power > 0, "prune.power", self.power, "must be > 0")
+        _require(
+            self.fine_tune_epochs >= 1, "prune.fine_tune_epochs", self.fine_tune_epochs, ">= 1"
+        )
+        _require(self.frequency >= 1, "prune.frequency", self.frequency, "must be >= 1 step")
+        _require(self.begin >= 0, "prune.begin", self.begin, "must be >= 0")
+        if self.end is not None:
+            _require(self.end > self.begin, "prune.end", self.end, "must be > prune.begin")
+        if self.scope not in PRUNE_SCOPES:
+            try:
+                re.compile(self.scope)
+            except re.error as e:
+                raise ConfigError(
+                    f"prune.scope={self.scope!r} is neither one of {list(PRUNE_SCOPES)} nor a "
+                    f"valid layer-name pattern: {e}"
+                ) from None
+        if self.m_by_n is not None:
+            ok = len(self.m_by_n) == 2 and 0 < self.m_by_n[0] < self.m_by_n[1]
+            _require(ok, "prune.m_by_n", self.m_by_n, "must be [m, n] with 0 < m < n, e.g. [2, 4]")
+            implied = 1 - self.m_by_n[0] / self.m_by_n[1]
+            _require(
+                abs(self.sparsity - implied) < 1e-9,
+                "prune.sparsity",
+                self.sparsity,
+                f"prune.m_by_n={self.m_by_n} keeps {self.m_by_n[0]} of {self.m_by_n[1]} weights: "
+                f"set prune.sparsity={implied:g}",
             )
 
 

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 
 def confusion_matrix_png(
@@ -43,8 +44,10 @@ def confusion_matrix_png(
     return path
 
 
-def training_curves_png(history: dict[str, list[float]], path: Path) -> Path:
-    """Loss and accuracy per epoch, train against validation."""
+def training_curves_png(
+    history: dict[str, list[float]], path: Path, fine_tune_from: int | None = None
+) -> Path:
+    """Loss and accuracy per epoch, train against validation; fine-tune epochs marked."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history["loss"]) + 1)
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
@@ -54,6 +57,8 @@ def training_curves_png(history: dict[str, list[float]], path: Path) -> Path:
         ax.set_xlabel("epoch")
         ax.set_xticks(epochs)
         ax.set_ylabel("cross-entropy loss" if metric == "loss" else "accuracy (fraction correct)")
+        if fine_tune_from is not None:
+            ax.axvline(fine_tune_from - 0.5, color="grey", linestyle=":", label="fine-tune starts")
         ax.set_title(f"{metric} per epoch")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -61,3 +66,44 @@ def training_curves_png(history: dict[str, list[float]], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def sweep_plots(table: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """The lab's two sweep plots: accuracy and gzipped model size against target sparsity.
+
+    `table` has one row per finished run (columns as in `fallopt.sweep.COLUMNS`).
+    """
+    x = table["prune.sparsity"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for column, label, style in (
+        ("train_accuracy", "train", "o-"),
+        ("val_accuracy", "validation", "s--"),
+        ("test_accuracy", "test", "^-."),
+    ):
+        ax.plot(x, table[column], style, label=label)
+    ax.set_xlabel("target sparsity (fraction of pruned weights set to zero)")
+    ax.set_ylabel("accuracy (fraction correct)")
+    ax.set_title("accuracy against sparsity")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    accuracy = out_dir / "accuracy_vs_sparsity.png"
+    fig.savefig(accuracy, dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(x, table["keras_gzip_bytes"] / 1024, "o-", label="pruned model (gzipped .keras)")
+    baseline = table["baseline_keras_gzip_bytes"].dropna()
+    if not baseline.empty:
+        ax.axhline(baseline.iloc[0] / 1024, color="grey", linestyle=":", label="baseline")
+    ax.set_xlabel("target sparsity (fraction of pruned weights set to zero)")
+    ax.set_ylabel("gzipped model file (KiB)")
+    ax.set_title("gzipped size against sparsity (model.keras, no optimizer state)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    size = out_dir / "gzip_size_vs_sparsity.png"
+    fig.savefig(size, dpi=100)
+    plt.close(fig)
+    return [accuracy, size]

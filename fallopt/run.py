@@ -32,7 +32,11 @@ def main(cfg: DictConfig) -> float:
 
         output_dir = Path(HydraConfig.get().runtime.output_dir)
         resolved = config.resolved_dict(cfg)
-        metrics = run_experiment(settings, resolved, config.config_hash(cfg), output_dir)
+        from fallopt.sweep import parent_run_id
+
+        metrics = run_experiment(
+            settings, resolved, config.config_hash(cfg), output_dir, parent_run_id()
+        )
     except FalloptError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

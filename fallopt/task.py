@@ -1,51 +1,99 @@
-"""One run: data -> model -> train -> evaluate -> MLflow, one log line per stage."""
+"""One run: data -> baseline -> prune -> evaluate -> sizes -> MLflow, one log line per stage."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 import fallopt
-from fallopt import track
-from fallopt.config import FalloptConfig, flatten
-from fallopt.data import load_dataset
+from fallopt import stages, track
+from fallopt.backend import keras
+from fallopt.compress.prune import select_layers
+from fallopt.compress.schedule import Schedule, plan_schedule
+from fallopt.config import FalloptConfig, PruneMethod, flatten
+from fallopt.data import Dataset, load_dataset
 from fallopt.evaluate import evaluate_keras
 from fallopt.models import build_model, feature_map_sizes
 from fallopt.plots import confusion_matrix_png, training_curves_png
-from fallopt.train import seed_everything, train_model
+from fallopt.size import file_size, nonzero_params
+from fallopt.train import steps_per_epoch
 
 log = logging.getLogger(__name__)
 
+SIZE_FILE = "model/model.keras"  # the artifact the keras_* size metrics measure
 
-def save_model(model: Any, path: Path) -> Path:
-    """Save weights and architecture without optimizer state (which would triple the file)."""
-    from fallopt.backend import keras
 
-    clone = keras().models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    clone.save(path)
+def _preflight(cfg: FalloptConfig, data: Dataset) -> Schedule | None:
+    """Checks that need the data's shape: fail before an MLflow run is opened."""
+    feature_map_sizes(cfg.model, data.input_shape)
+    if cfg.prune.method is PruneMethod.none:
+        return None
+    schedule = plan_schedule(cfg.prune, steps_per_epoch(len(data.train), cfg.train.batch_size))
+    select_layers(build_model(cfg.model, data.input_shape, data.num_classes), cfg.prune.scope)
+    return schedule
+
+
+def _sparsity_table(layers: list[dict[str, Any]], path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["layer", "kernel_shape", "params", "zeros", "sparsity", "target"])
+        for layer in layers:
+            writer.writerow(
+                [
+                    layer["layer"],
+                    "x".join(map(str, layer["shape"])),
+                    layer["params"],
+                    layer["zeros"],
+                    f"{layer['sparsity']:.6f}",
+                    f"{layer['target']:.6f}",
+                ]
+            )
     return path
 
 
-def run_experiment(
-    cfg: FalloptConfig, resolved: dict[str, Any], config_hash: str, output_dir: Path
-) -> dict[str, float]:
-    """Train, evaluate and track one configuration; returns the logged summary metrics.
+def _size_metrics(base: stages.StageResult, final: stages.StageResult, model: Any) -> dict:
+    """Sizes of the final and the baseline model files, both saved without optimizer."""
+    k = keras()
+    base_file, final_file = file_size(base.model_file), file_size(final.model_file)
+    base_nonzero = nonzero_params(k.models.load_model(base.model_file, compile=False))
+    final_nonzero = nonzero_params(model)
+    return {
+        "keras_size_bytes": final_file.raw_bytes,
+        "keras_gzip_bytes": final_file.gzip_bytes,
+        "nonzero_params": final_nonzero,
+        "baseline_keras_size_bytes": base_file.raw_bytes,
+        "baseline_keras_gzip_bytes": base_file.gzip_bytes,
+        "baseline_nonzero_params": base_nonzero,
+        "size_ratio_to_baseline": final_file.raw_bytes / base_file.raw_bytes,
+        "gzip_ratio_to_baseline": final_file.gzip_bytes / base_file.gzip_bytes,
+        "nonzero_ratio_to_baseline": final_nonzero / base_nonzero,
+    }
 
-    Data and shapes are checked, and the tracking store opened, before the MLflow run starts,
-    so bad input leaves no run behind. Once started, the run always ends FINISHED or FAILED.
+
+def run_experiment(
+    cfg: FalloptConfig,
+    resolved: dict[str, Any],
+    config_hash: str,
+    output_dir: Path,
+    parent_run_id: str | None = None,
+) -> dict[str, float]:
+    """Train (or reuse), prune, evaluate and track one configuration.
+
+    Data, shapes, the pruning schedule and scope are checked, and the tracking store opened,
+    before the MLflow run starts, so bad input leaves no run behind. Once started, the run
+    always ends FINISHED, FAILED or KILLED. Returns the logged summary metrics.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     log.info("[config] hash %s, outputs in %s", config_hash, output_dir)
     experiment_id = track.connect(cfg.tracking)
     data = load_dataset(cfg.dataset, cfg.train.val_split, cfg.seed)
     log.info("[data] %s", data.describe())
-    feature_map_sizes(cfg.model, data.input_shape)  # fails before TensorFlow on a bad shape
+    schedule = _preflight(cfg, data)
 
     tags = {
         "fallopt.version": fallopt.__version__,
@@ -53,37 +101,71 @@ def run_experiment(
         "fallopt.dataset": data.name,
         "fallopt.model": cfg.model.name,
         "fallopt.classes": ",".join(data.class_names),
+        "fallopt.size_file": f"{SIZE_FILE}: final model, pruning stripped, no optimizer state",
     }
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     with track.tracked_run(experiment_id, cfg.tracking.run_name, tags) as run_id:
         track.log_params(flatten(resolved))
         config_file = output_dir / "config.yaml"
         config_file.write_text(OmegaConf.to_yaml(resolved))
         counts = {"n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test)}
+        track.log_metrics(counts)
+        cache = stages.stage_cache()
 
-        seed_everything(cfg.seed)
-        model = build_model(cfg.model, data.input_shape, data.num_classes)
-        params_total = model.count_params()
-        log.info("[model] %s: %s parameters", cfg.model.name, f"{params_total:,}")
-        track.log_metrics({"params_total": params_total, **counts})
-
-        start = time.perf_counter()
-        history = train_model(
-            model, data.train, data.val, cfg.train, cfg.seed, on_epoch_end=track.log_epoch
+        base = stages.baseline(
+            cache, data, cfg.model, cfg.train, cfg.seed, resolved, track.epoch_logger(1)
         )
-        summary = {
-            "train_accuracy": history["accuracy"][-1],
-            "train_loss": history["loss"][-1],
-            "val_accuracy": history["val_accuracy"][-1],
-            "val_loss": history["val_loss"][-1],
+        if base.reused:
+            track.log_history(base.history, first_step=1)
+        track.set_tags(
+            {"fallopt.stage.baseline": base.status, "fallopt.baseline_key": base.entry.meta["key"]}
+        )
+        summary: dict[str, float] = {
+            "baseline_train_accuracy": base.history["accuracy"][-1],
+            "baseline_val_accuracy": base.history["val_accuracy"][-1],
+            "baseline_test_accuracy": base.entry.meta["test_accuracy"],
         }
         log.info(
-            "[train] %d epochs in %.0f s: train_accuracy %.3f, val_accuracy %.3f",
+            "[baseline] %s, %s parameters, %s (%d epochs): val_accuracy %.3f, test_accuracy %.3f",
+            cfg.model.name,
+            f"{base.entry.meta['params_total']:,}",
+            base.status,
             cfg.train.epochs,
-            time.perf_counter() - start,
-            summary["train_accuracy"],
-            summary["val_accuracy"],
+            summary["baseline_val_accuracy"],
+            summary["baseline_test_accuracy"],
         )
 
+        final, history, fine_tune_from = base, base.history, None
+        if schedule is not None:
+            first = cfg.train.epochs + 1
+            final = stages.pruned(
+                cache, data, base, cfg.prune, schedule, cfg.train, cfg.seed, resolved,
+                track.epoch_logger(first),
+            )  # fmt: skip
+            if final.reused:
+                track.log_history(final.history, first_step=first)
+            history = {k: base.history[k] + final.history[k] for k in base.history}
+            fine_tune_from = first
+            layers = final.entry.meta["layers"]
+            zeros, params = sum(x["zeros"] for x in layers), sum(x["params"] for x in layers)
+            summary["sparsity_achieved"] = zeros / params
+            summary.update({f"sparsity_{x['layer']}": x["sparsity"] for x in layers})
+            track.log_artifacts([_sparsity_table(layers, output_dir / "sparsity_per_layer.csv")])
+            log.info(
+                "[prune] %s: %s sparsity %.3f (target %.3f) over %s, %d fine-tune epochs",
+                final.status,
+                cfg.prune.method.value,
+                summary["sparsity_achieved"],
+                layers[0]["target"],
+                ", ".join(x["layer"] for x in layers),
+                cfg.prune.fine_tune_epochs,
+            )
+        track.set_tags({"fallopt.stage.prune": final.status if schedule else "none"})
+        summary["train_accuracy"] = history["accuracy"][-1]
+        summary["val_accuracy"] = history["val_accuracy"][-1]
+
+        model = keras().models.load_model(final.model_file, compile=False)
         evaluation = evaluate_keras(model, data.test)
         test_metrics = evaluation.metrics(data.class_names, prefix="test")
         binary = "test_fall_recall" in test_metrics
@@ -95,28 +177,44 @@ def run_experiment(
             if binary
             else "",
         )
-        track.log_metrics(test_metrics)  # train/val metrics were logged epoch by epoch
+        sizes = _size_metrics(base, final, model)
+        log.info(
+            "[size] %s: %s bytes, gzip %s bytes (%.2fx baseline), %s non-zero parameters",
+            SIZE_FILE,
+            f"{sizes['keras_size_bytes']:,}",
+            f"{sizes['keras_gzip_bytes']:,}",
+            sizes["gzip_ratio_to_baseline"],
+            f"{sizes['nonzero_params']:,}",
+        )
         summary.update(test_metrics)
+        summary.update(sizes)
+        summary["params_total"] = model.count_params()
+        # train_/val_ accuracy and loss were logged epoch by epoch; the rest once.
+        track.log_metrics(
+            {k: v for k, v in summary.items() if k not in ("train_accuracy", "val_accuracy")}
+        )
 
         cm_json = output_dir / "confusion_matrix.json"
         cm_json.write_text(json.dumps(evaluation.confusion.tolist()))
-        artifacts = [
-            config_file,
-            cm_json,
-            confusion_matrix_png(
-                evaluation.confusion,
-                data.class_names,
-                output_dir / "confusion_matrix.png",
-                f"{cfg.model.name} on {data.name}\ntest set, accuracy {evaluation.accuracy:.1%}",
-            ),
-            training_curves_png(history, output_dir / "training_curves.png"),
-        ]
-        track.log_artifacts(artifacts)
-        track.log_artifacts([save_model(model, output_dir / "model.keras")], "model")
+        title = f"{cfg.model.name} on {data.name}\ntest set, accuracy {evaluation.accuracy:.1%}"
+        track.log_artifacts(
+            [
+                config_file,
+                cm_json,
+                confusion_matrix_png(
+                    evaluation.confusion,
+                    data.class_names,
+                    output_dir / "confusion_matrix.png",
+                    title,
+                ),
+                training_curves_png(history, output_dir / "training_curves.png", fine_tune_from),
+            ]
+        )
+        track.log_artifacts([final.model_file], "model")
         log.info(
             "[track] run %s in experiment %r at %s",
             run_id,
             cfg.tracking.experiment,
             cfg.tracking.uri,
         )
-    return {**summary, "params_total": float(params_total), **counts}
+    return {**summary, **counts}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -95,14 +95,31 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics(metrics, step=step)
 
 
-def log_epoch(epoch: int, logs: dict[str, float]) -> None:
-    """Keras epoch logs as MLflow metrics at step = epoch number (1-based, as Keras prints).
+def _as_metrics(logs: dict[str, float]) -> dict[str, float]:
+    # Keras names: loss -> train_loss, accuracy -> train_accuracy; val_* keep their names.
+    return {k if k.startswith("val_") else f"train_{k}": v for k, v in logs.items()}
 
-    loss -> train_loss, accuracy -> train_accuracy; val_* keep their names. The last epoch's
-    value is what MLflow shows as the run's metric.
+
+def epoch_logger(first_step: int) -> Callable[[int, dict[str, float]], None]:
+    """A Keras epoch hook logging at step = first_step + epoch.
+
+    Steps are epochs counted over the whole run (1-based, as Keras prints them): baseline
+    epochs first, then fine-tune epochs, so one curve shows both and the last value is the
+    final model's.
     """
-    renamed = {k if k.startswith("val_") else f"train_{k}": v for k, v in logs.items()}
-    mlflow.log_metrics(renamed, step=epoch + 1)
+    return lambda epoch, logs: mlflow.log_metrics(_as_metrics(logs), step=first_step + epoch)
+
+
+def log_history(history: dict[str, list[float]], first_step: int) -> None:
+    """Log a reused stage's Keras history as if it had been streamed."""
+    for i in range(len(next(iter(history.values())))):
+        logs = {name: values[i] for name, values in history.items()}
+        mlflow.log_metrics(_as_metrics(logs), step=first_step + i)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    """Tag the active run."""
+    mlflow.set_tags(tags)
 
 
 def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:

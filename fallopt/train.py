@@ -56,21 +56,24 @@ def compile_model(model: tf_keras.Model, cfg: TrainConfig) -> None:
     )
 
 
-def train_model(
+def fit(
     model: tf_keras.Model,
     train: Split,
     val: Split,
     cfg: TrainConfig,
+    epochs: int,
     seed: int,
     on_epoch_end: EpochHook | None = None,
+    callbacks: list[tf_keras.callbacks.Callback] | None = None,
 ) -> dict[str, list[float]]:
-    """Compile and fit; returns the per-epoch history (loss, accuracy, val_loss, val_accuracy).
+    """Compile with `cfg`'s optimizer and fit for `epochs`; returns the per-epoch history.
 
-    `on_epoch_end(epoch, logs)` is called after every epoch, e.g. to stream metrics to MLflow.
+    `on_epoch_end(epoch, logs)` is called after every epoch (0-based), e.g. to stream
+    metrics to MLflow; `callbacks` are passed to Keras (e.g. tfmot's UpdatePruningStep).
     """
     k = keras()
     compile_model(model, cfg)
-    callbacks = []
+    callbacks = list(callbacks or [])
     if on_epoch_end is not None:
         callbacks.append(
             k.callbacks.LambdaCallback(
@@ -82,9 +85,26 @@ def train_model(
     history = model.fit(
         batches(train, cfg.batch_size, shuffle=True, seed=seed),
         validation_data=batches(val, cfg.batch_size),
-        epochs=cfg.epochs,
+        epochs=epochs,
         callbacks=callbacks,
         # A progress bar on a terminal; one line per epoch in logs and CI.
         verbose=1 if sys.stdout.isatty() else 2,
     )
     return {name: [float(v) for v in values] for name, values in history.history.items()}
+
+
+def train_model(
+    model: tf_keras.Model,
+    train: Split,
+    val: Split,
+    cfg: TrainConfig,
+    seed: int,
+    on_epoch_end: EpochHook | None = None,
+) -> dict[str, list[float]]:
+    """Train a baseline for `cfg.epochs`; see `fit`."""
+    return fit(model, train, val, cfg, cfg.epochs, seed, on_epoch_end)
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Batches per epoch, as Keras counts them: ceil(n / batch)."""
+    return -(-n_train // batch_size)

@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import fallopt  # noqa: F401  (sets TF_USE_LEGACY_KERAS before any test imports TensorFlow)
+import fallopt.config  # noqa: F401  (registers the schemas conf/ extends)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -29,12 +30,14 @@ TINY = [
     "model.dense_units=[8]",
     "train.epochs=1",
     "train.batch_size=16",
+    "prune.fine_tune_epochs=1",
 ]
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    os.environ["FALLOPT_CACHE"] = str(tmp_path_factory.mktemp("fallopt-cache"))
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
+    """Each test its own data and stage cache: no test reuses another's baseline."""
+    monkeypatch.setenv("FALLOPT_CACHE", str(tmp_path_factory.mktemp("fallopt-cache")))
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -28,7 +29,8 @@ def test_default_config_is_the_embedded_fall_run(compose_cfg):
     assert isinstance(cfg.dataset, SyntheticFallsConfig)
     assert (cfg.dataset.image_size, cfg.dataset.channels) == (96, 3)
     assert cfg.model.name == "cauca_cnn"
-    assert cfg.prune.sparsity == 0.0
+    # The default prune group carries sparsity, so `-m prune.sparsity=0.1,0.5` prunes.
+    assert cfg.prune.method.value == "constant" and cfg.prune.sparsity == 0.0
     assert cfg.tracking.uri == "sqlite:///mlruns/mlflow.db"
 
 
@@ -75,12 +77,19 @@ def test_user_keys_are_overridable(compose_cfg):
         ("dataset.channels=2", "dataset.channels=2 is invalid: must be 1 or 3"),
         ("model.filters=[]", "model.filters=[]"),
         ("prune.sparsity=1.0", "prune.sparsity=1.0"),
-        ("prune.sparsity=0.5", "prune=none does not prune"),
+        ("prune=none;prune.sparsity=0.5", "prune=none does not prune"),
+        ("prune=polynomial;prune.initial_sparsity=0.6", "must not exceed the final"),
+        ("prune.fine_tune_epochs=0", "prune.fine_tune_epochs=0"),
+        ("prune.frequency=0", "prune.frequency=0"),
+        ("prune.begin=2;prune.end=1", "prune.end=1.0 is invalid: must be > prune.begin"),
+        ("prune.scope='conv('", "neither one of"),
+        ("prune.m_by_n=[2,4];prune.sparsity=0.3", "set prune.sparsity=0.5"),
+        ("prune.m_by_n=[4,2];prune.sparsity=0.5", "0 < m < n"),
     ],
 )
 def test_bad_values_name_the_key(compose_cfg, override, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        validate(compose_cfg(override))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(compose_cfg(*override.split(";")))
 
 
 def test_unknown_option_lists_the_valid_ones(compose_cfg):

@@ -47,7 +47,7 @@ def test_tracked_run_records_everything_the_ui_needs(compose_cfg, tmp_path, trac
     assert tags["fallopt.config_hash"] == config_hash(cfg)
     assert tags["fallopt.dataset"] == "synthetic_falls" and tags["fallopt.version"]
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
-    assert [h.step for h in history] == [1, 2]
+    assert [h.step for h in history] == [1, 2, 3]  # 2 baseline epochs, then 1 fine-tune epoch
     assert m["val_accuracy"] == history[-1].value == pytest.approx(metrics["val_accuracy"])
 
     artifacts = Path(
@@ -72,6 +72,17 @@ def test_tracked_run_records_everything_the_ui_needs(compose_cfg, tmp_path, trac
     model = keras().models.load_model(artifacts / "model" / "model.keras")
     assert model.count_params() == m["params_total"]
     assert model.optimizer is None  # saved without optimizer state
+
+    # Sizes are those of exactly the logged file.
+    import gzip
+
+    logged = (artifacts / "model" / "model.keras").read_bytes()
+    assert m["keras_size_bytes"] == len(logged)
+    assert m["keras_gzip_bytes"] == len(gzip.compress(logged, compresslevel=9, mtime=0))
+    assert m["nonzero_params"] == sum(int(np.count_nonzero(w)) for w in model.get_weights())
+    assert tags["fallopt.size_file"].startswith("model/model.keras")
+    assert tags["fallopt.stage.baseline"] == "trained" and tags["fallopt.stage.prune"] == "trained"
+    assert m["sparsity_achieved"] == 0.0  # the default sparsity fine-tunes without pruning
     data = load_dataset(typed.dataset, typed.train.val_split, typed.seed)
     predicted = model.predict(data.test.x.astype(np.float32) / 255.0, verbose=0).argmax(axis=1)
     expected = np.zeros((2, 2), int)
@@ -87,12 +98,12 @@ def test_same_seed_same_run_metrics(compose_cfg, tmp_path, tracking_uri):
 
 
 def test_a_failing_run_is_recorded_failed(compose_cfg, tmp_path, tracking_uri, monkeypatch):
-    import fallopt.task
+    import fallopt.stages
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(fallopt.task, "train_model", broken)
+    monkeypatch.setattr(fallopt.stages, "train_model", broken)
     with pytest.raises(RuntimeError):
         _run(compose_cfg, tmp_path, tracking_uri, *TINY)
     client = MlflowClient(tracking_uri)
@@ -103,12 +114,12 @@ def test_a_failing_run_is_recorded_failed(compose_cfg, tmp_path, tracking_uri, m
 
 
 def test_ctrl_c_ends_the_run_killed(compose_cfg, tmp_path, tracking_uri, monkeypatch):
-    import fallopt.task
+    import fallopt.stages
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fallopt.task, "train_model", interrupted)
+    monkeypatch.setattr(fallopt.stages, "train_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run(compose_cfg, tmp_path, tracking_uri, *TINY)
     client = MlflowClient(tracking_uri)
@@ -184,7 +195,7 @@ def test_cli_runs_end_to_end(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for stage in ("[config]", "[data]", "[model]", "[train]", "[evaluate]", "[track]"):
+    for stage in ("[config]", "[data]", "[baseline]", "[prune]", "[evaluate]", "[size]", "[track]"):
         assert stage in proc.stdout
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("fallopt").experiment_id])

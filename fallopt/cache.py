@@ -1,0 +1,107 @@
+"""A stage cache on disk: train a baseline (or prune it) once, reuse it everywhere.
+
+An entry is a directory named by the hash of everything that determines the stage's result
+(`stage_key`). Writers hold an exclusive lock per entry, so parallel jobs of one sweep wait
+for the first to finish instead of training the same model twice. Entries are written to a
+temporary directory and renamed into place, and every file carries a checksum in
+`meta.json`: a truncated or corrupt entry is detected and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Bump when a stage's code changes what it produces, so old entries are not reused.
+STAGE_VERSION = 1
+
+
+def stage_key(kind: str, payload: dict[str, Any]) -> str:
+    """A short, stable hash of a stage's inputs."""
+    blob = json.dumps({"kind": kind, "v": STAGE_VERSION, **payload}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A complete cache entry: its directory and its metadata."""
+
+    path: Path
+    meta: dict[str, Any]
+
+
+class StageCache:
+    """Directory of stage entries, `<root>/<kind>-<key>/`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _valid(self, path: Path) -> Entry | None:
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            for name, digest in meta["files"].items():
+                if _sha256(path / name) != digest:
+                    raise ValueError(f"checksum mismatch for {name}")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("[cache] %s is corrupt (%s): rebuilding it", path, e)
+            return None
+        return Entry(path, meta)
+
+    @contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / f"{name}.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def get_or_build(
+        self, kind: str, key: str, build: Callable[[Path], dict[str, Any]]
+    ) -> tuple[Entry, bool]:
+        """Return the entry for (kind, key), building it with `build(tmp_dir)` if needed.
+
+        `build` writes its files into the directory it is given and returns JSON-able
+        metadata. Returns the entry and whether it was reused.
+        """
+        name = f"{kind}-{key}"
+        final = self.root / name
+        with self._lock(name):
+            entry = self._valid(final)
+            if entry is not None:
+                return entry, True
+            tmp = self.root / f".{name}.{os.getpid()}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            try:
+                meta = build(tmp)
+                files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+                meta = {**meta, "key": key, "kind": kind, "files": files}
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+                shutil.rmtree(final, ignore_errors=True)
+                tmp.rename(final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return Entry(final, meta), False

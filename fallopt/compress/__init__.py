@@ -1,0 +1,1 @@
+"""Model compression stages: pruning (and, next, quantization)."""

@@ -1,0 +1,137 @@
+"""The cached stages of a run: train the baseline, prune it. Each is built at most once.
+
+baseline = f(data, model, train, seed); pruned = f(baseline, prune, train, seed). Entries live
+in a `StageCache` on disk, so every run of a sweep (in this process or another) that shares
+a stage reuses it. Each stage's model is a `.keras` file without optimizer state.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fallopt.cache import Entry, StageCache, stage_key
+from fallopt.compress.prune import prune_and_fine_tune
+from fallopt.compress.schedule import Schedule
+from fallopt.config import ModelConfig, PruneConfig, TrainConfig
+from fallopt.data import Dataset, default_cache_dir
+from fallopt.evaluate import evaluate_keras
+from fallopt.models import build_model
+from fallopt.size import save_model
+from fallopt.train import EpochHook, seed_everything, train_model
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+
+
+def stage_cache() -> StageCache:
+    """The stage cache under `$FALLOPT_CACHE` (default `~/.cache/fallopt`)."""
+    return StageCache(default_cache_dir() / "stages")
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A stage's cache entry and whether this run reused it."""
+
+    entry: Entry
+    reused: bool
+
+    @property
+    def model_file(self) -> Path:
+        """The stage's model, saved without optimizer state."""
+        return self.entry.path / MODEL_FILE
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        """Per-epoch Keras history of the training that built it."""
+        return self.entry.meta["history"]
+
+    @property
+    def status(self) -> str:
+        """`reused` or `trained`, as tagged on runs."""
+        return "reused" if self.reused else "trained"
+
+
+def baseline(
+    cache: StageCache,
+    data: Dataset,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    seed: int,
+    resolved: dict[str, Any],
+    on_epoch_end: EpochHook | None = None,
+) -> StageResult:
+    """Train the baseline (or reuse it) and record its validation and test metrics."""
+    key = stage_key(
+        "baseline",
+        {
+            "data": data.fingerprint(),
+            "classes": data.class_names,
+            "model": resolved["model"],
+            "train": resolved["train"],
+            "seed": seed,
+        },
+    )
+
+    def build(out: Path) -> dict[str, Any]:
+        seed_everything(seed)
+        model = build_model(model_cfg, data.input_shape, data.num_classes)
+        history = train_model(model, data.train, data.val, train_cfg, seed, on_epoch_end)
+        save_model(model, out / MODEL_FILE)
+        test = evaluate_keras(model, data.test)
+        return {
+            "history": history,
+            "params_total": model.count_params(),
+            "test_accuracy": test.accuracy,
+            "test_loss": test.loss,
+        }
+
+    entry, reused = cache.get_or_build("baseline", key, build)
+    return StageResult(entry, reused)
+
+
+def pruned(
+    cache: StageCache,
+    data: Dataset,
+    base: StageResult,
+    prune_cfg: PruneConfig,
+    schedule: Schedule,
+    train_cfg: TrainConfig,
+    seed: int,
+    resolved: dict[str, Any],
+    on_epoch_end: EpochHook | None = None,
+) -> StageResult:
+    """Prune and fine-tune the baseline (or reuse the result); sparsity is verified inside."""
+    key = stage_key(
+        "pruned",
+        {
+            "baseline": base.entry.meta["key"],
+            "prune": resolved["prune"],
+            "train": resolved["train"],
+            "seed": seed,
+        },
+    )
+
+    def build(out: Path) -> dict[str, Any]:
+        seed_everything(seed)
+        result = prune_and_fine_tune(
+            base.model_file,
+            data.train,
+            data.val,
+            prune_cfg,
+            schedule,
+            train_cfg,
+            seed,
+            out / MODEL_FILE,
+            on_epoch_end,
+        )
+        return {
+            "history": result.history,
+            "layers": [asdict(layer) | {"sparsity": layer.sparsity} for layer in result.layers],
+        }
+
+    entry, reused = cache.get_or_build("pruned", key, build)
+    return StageResult(entry, reused)

@@ -13,6 +13,21 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
+def _style(ax: plt.Axes, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def _write(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def confusion_matrix_png(
     confusion: np.ndarray, class_names: Sequence[str], path: Path, title: str
 ) -> Path:
@@ -38,10 +53,7 @@ def confusion_matrix_png(
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title, fontsize=10, wrap=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _write(fig, path)
 
 
 def training_curves_png(
@@ -54,18 +66,15 @@ def training_curves_png(
         ax.plot(epochs, history[metric], "o-", label="train")
         if f"val_{metric}" in history:
             ax.plot(epochs, history[f"val_{metric}"], "s--", label="validation")
-        ax.set_xlabel("epoch")
         ax.set_xticks(epochs)
-        ax.set_ylabel("cross-entropy loss" if metric == "loss" else "accuracy (fraction correct)")
         if fine_tune_from is not None:
             ax.axvline(fine_tune_from - 0.5, color="grey", linestyle=":", label="fine-tune starts")
-        ax.set_title(f"{metric} per epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+        ylabel = "cross-entropy loss" if metric == "loss" else "accuracy (fraction correct)"
+        _style(ax, "epoch", ylabel, f"{metric} per epoch")
+    return _write(fig, path)
+
+
+_SPARSITY_AXIS = "target sparsity (fraction of pruned weights set to zero)"
 
 
 def sweep_plots(table: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -81,29 +90,16 @@ def sweep_plots(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         ("test_accuracy", "test", "^-."),
     ):
         ax.plot(x, table[column], style, label=label)
-    ax.set_xlabel("target sparsity (fraction of pruned weights set to zero)")
-    ax.set_ylabel("accuracy (fraction correct)")
-    ax.set_title("accuracy against sparsity")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    accuracy = out_dir / "accuracy_vs_sparsity.png"
-    fig.savefig(accuracy, dpi=100)
-    plt.close(fig)
+    _style(ax, _SPARSITY_AXIS, "accuracy (fraction correct)", "accuracy against sparsity")
+    accuracy = _write(fig, out_dir / "accuracy_vs_sparsity.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(x, table["keras_gzip_bytes"] / 1024, "o-", label="pruned model (gzipped .keras)")
     baseline = table["baseline_keras_gzip_bytes"].dropna()
     if not baseline.empty:
         ax.axhline(baseline.iloc[0] / 1024, color="grey", linestyle=":", label="baseline")
-    ax.set_xlabel("target sparsity (fraction of pruned weights set to zero)")
-    ax.set_ylabel("gzipped model file (KiB)")
-    ax.set_title("gzipped size against sparsity (model.keras, no optimizer state)")
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    size = out_dir / "gzip_size_vs_sparsity.png"
-    fig.savefig(size, dpi=100)
-    plt.close(fig)
+    title = "gzipped size against sparsity (model.keras, no optimizer state)"
+    _style(ax, _SPARSITY_AXIS, "gzipped model file (KiB)", title)
+    size = _write(fig, out_dir / "gzip_size_vs_sparsity.png")
     return [accuracy, size]

@@ -30,7 +30,11 @@ def main(cfg: DictConfig) -> float:
         settings = config.validate(cfg)
         from fallopt.task import run_experiment  # TensorFlow and MLflow load only now
 
-        output_dir = Path(HydraConfig.get().runtime.output_dir)
+        hydra_cfg = HydraConfig.get()
+        output_dir = Path(hydra_cfg.runtime.output_dir)
+        # Named by what differs: MLflow's random names repeat once `random` is seeded.
+        overrides = " ".join(o for o in hydra_cfg.overrides.task if "tracking." not in o)
+        settings.tracking.run_name = settings.tracking.run_name or overrides or None
         resolved = config.resolved_dict(cfg)
         from fallopt.sweep import parent_run_id
 

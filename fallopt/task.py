@@ -105,7 +105,8 @@ def run_experiment(
     }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    with track.tracked_run(experiment_id, cfg.tracking.run_name, tags) as run_id:
+    run_name = cfg.tracking.run_name or f"{cfg.model.name} on {data.name}"
+    with track.tracked_run(experiment_id, run_name, tags) as run_id:
         track.log_params(flatten(resolved))
         config_file = output_dir / "config.yaml"
         config_file.write_text(OmegaConf.to_yaml(resolved))

@@ -228,3 +228,23 @@ def test_concurrent_builders_wait_for_the_first(tmp_path):
         t.join()
     assert len(calls) == 1
     assert sorted(reused for _, reused in results) == [False, True]
+
+
+def test_processes_sharing_a_cache_build_once(tmp_path):
+    """Jobs of one sweep in other processes wait on the lock and reuse the entry."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; from pathlib import Path; from fallopt.cache import StageCache\n"
+        "def build(out):\n"
+        "    time.sleep(1); (out / 'model.keras').write_bytes(b'w'); return {}\n"
+        "_, reused = StageCache(Path(sys.argv[1])).get_or_build('baseline', 'k', build)\n"
+        "print('reused' if reused else 'trained')\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outputs = sorted(p.communicate(timeout=60)[0].decode().strip() for p in procs)
+    assert outputs == ["reused", "trained"]

@@ -34,6 +34,9 @@ def test_sparsity_sweep_records_parent_children_plots_and_trains_the_baseline_on
     children.sort(key=lambda r: float(r.data.params["prune.sparsity"]))
     assert [r.info.status for r in children] == ["FINISHED"] * 3
 
+    names = [r.info.run_name for r in children]
+    assert [n.split()[0] for n in names] == [f"prune.sparsity={s}" for s in (0.1, 0.5, 0.8)]
+    assert not any("tracking" in n for n in names)
     targets = [float(r.data.params["prune.sparsity"]) for r in children]
     achieved = [r.data.metrics["sparsity_achieved"] for r in children]
     assert targets == [0.1, 0.5, 0.8]

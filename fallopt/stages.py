@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fallopt.cache import Entry, StageCache, stage_key
-from fallopt.compress.prune import prune_and_fine_tune
+from fallopt.compress.prune import overall_sparsity, prune_and_fine_tune
 from fallopt.compress.schedule import Schedule
 from fallopt.config import ModelConfig, PruneConfig, TrainConfig
 from fallopt.data import Dataset, default_cache_dir
@@ -130,6 +130,7 @@ def pruned(
         )
         return {
             "history": result.history,
+            "sparsity_achieved": overall_sparsity(result.layers),
             "layers": [asdict(layer) | {"sparsity": layer.sparsity} for layer in result.layers],
         }
 

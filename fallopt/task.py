@@ -17,7 +17,7 @@ from fallopt.compress.prune import select_layers
 from fallopt.compress.schedule import Schedule, plan_schedule
 from fallopt.config import FalloptConfig, PruneMethod, flatten
 from fallopt.data import Dataset, load_dataset
-from fallopt.evaluate import evaluate_keras
+from fallopt.evaluate import Evaluation, evaluate_keras
 from fallopt.models import build_model, feature_map_sizes
 from fallopt.plots import confusion_matrix_png, training_curves_png
 from fallopt.size import file_size, nonzero_params
@@ -75,6 +75,109 @@ def _size_metrics(base: stages.StageResult, final: stages.StageResult, model: An
     }
 
 
+def _baseline(
+    cfg: FalloptConfig, data: Dataset, resolved: dict[str, Any]
+) -> tuple[stages.StageResult, dict[str, float]]:
+    base = stages.baseline(
+        stages.stage_cache(), data, cfg.model, cfg.train, cfg.seed, resolved, track.epoch_logger(1)
+    )
+    if base.reused:  # streamed while training; replayed so every run shows its curves
+        track.log_history(base.history, first_step=1)
+    track.set_tags(
+        {"fallopt.stage.baseline": base.status, "fallopt.baseline_key": base.entry.meta["key"]}
+    )
+    metrics = {
+        "baseline_train_accuracy": base.history["accuracy"][-1],
+        "baseline_val_accuracy": base.history["val_accuracy"][-1],
+        "baseline_test_accuracy": base.entry.meta["test_accuracy"],
+    }
+    log.info(
+        "[baseline] %s, %s parameters, %s (%d epochs): val_accuracy %.3f, test_accuracy %.3f",
+        cfg.model.name,
+        f"{base.entry.meta['params_total']:,}",
+        base.status,
+        cfg.train.epochs,
+        metrics["baseline_val_accuracy"],
+        metrics["baseline_test_accuracy"],
+    )
+    return base, metrics
+
+
+def _prune(
+    cfg: FalloptConfig,
+    data: Dataset,
+    base: stages.StageResult,
+    schedule: Schedule,
+    resolved: dict[str, Any],
+    output_dir: Path,
+) -> tuple[stages.StageResult, dict[str, float]]:
+    first = cfg.train.epochs + 1  # fine-tune epochs continue the run's epoch count
+    pruned = stages.pruned(
+        stages.stage_cache(), data, base, cfg.prune, schedule, cfg.train, cfg.seed, resolved,
+        track.epoch_logger(first),
+    )  # fmt: skip
+    if pruned.reused:
+        track.log_history(pruned.history, first_step=first)
+    layers = pruned.entry.meta["layers"]
+    track.log_artifacts([_sparsity_table(layers, output_dir / "sparsity_per_layer.csv")])
+    metrics = {"sparsity_achieved": pruned.entry.meta["sparsity_achieved"]}
+    metrics.update({f"sparsity_{x['layer']}": x["sparsity"] for x in layers})
+    log.info(
+        "[prune] %s: %s sparsity %.3f (target %.3f) over %s, %d fine-tune epochs",
+        pruned.status,
+        cfg.prune.method.value,
+        metrics["sparsity_achieved"],
+        layers[0]["target"],
+        ", ".join(x["layer"] for x in layers),
+        cfg.prune.fine_tune_epochs,
+    )
+    return pruned, metrics
+
+
+def _evaluate(
+    cfg: FalloptConfig, data: Dataset, base: stages.StageResult, final: stages.StageResult
+) -> tuple[Evaluation, dict[str, float]]:
+    model = keras().models.load_model(final.model_file, compile=False)
+    evaluation = evaluate_keras(model, data.test)
+    metrics = evaluation.metrics(data.class_names, prefix="test")
+    log.info(
+        "[evaluate] test_accuracy %.3f%s",
+        evaluation.accuracy,
+        f", fall recall {metrics['test_fall_recall']:.3f}, false alarms "
+        f"{metrics['test_false_alarm_rate']:.3f}"
+        if "test_fall_recall" in metrics
+        else "",
+    )
+    sizes = _size_metrics(base, final, model)
+    log.info(
+        "[size] %s: %s bytes, gzip %s bytes (%.2fx baseline), %s non-zero parameters",
+        SIZE_FILE,
+        f"{sizes['keras_size_bytes']:,}",
+        f"{sizes['keras_gzip_bytes']:,}",
+        sizes["gzip_ratio_to_baseline"],
+        f"{sizes['nonzero_params']:,}",
+    )
+    return evaluation, {**metrics, **sizes, "params_total": model.count_params()}
+
+
+def _log_figures(
+    cfg: FalloptConfig,
+    data: Dataset,
+    evaluation: Evaluation,
+    history: dict[str, list[float]],
+    fine_tune_from: int | None,
+    output_dir: Path,
+) -> None:
+    cm_json = output_dir / "confusion_matrix.json"
+    cm_json.write_text(json.dumps(evaluation.confusion.tolist()))
+    title = f"{cfg.model.name} on {data.name}\ntest set, accuracy {evaluation.accuracy:.1%}"
+    cm_png = confusion_matrix_png(
+        evaluation.confusion, data.class_names, output_dir / "confusion_matrix.png", title
+    )
+    curves = training_curves_png(history, output_dir / "training_curves.png", fine_tune_from)
+    track.log_artifacts([cm_json, cm_png, curves])
+
+
 def run_experiment(
     cfg: FalloptConfig,
     resolved: dict[str, Any],
@@ -110,107 +213,23 @@ def run_experiment(
         track.log_params(flatten(resolved))
         config_file = output_dir / "config.yaml"
         config_file.write_text(OmegaConf.to_yaml(resolved))
+        track.log_artifacts([config_file])
         counts = {"n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test)}
-        track.log_metrics(counts)
-        cache = stages.stage_cache()
 
-        base = stages.baseline(
-            cache, data, cfg.model, cfg.train, cfg.seed, resolved, track.epoch_logger(1)
-        )
-        if base.reused:
-            track.log_history(base.history, first_step=1)
-        track.set_tags(
-            {"fallopt.stage.baseline": base.status, "fallopt.baseline_key": base.entry.meta["key"]}
-        )
-        summary: dict[str, float] = {
-            "baseline_train_accuracy": base.history["accuracy"][-1],
-            "baseline_val_accuracy": base.history["val_accuracy"][-1],
-            "baseline_test_accuracy": base.entry.meta["test_accuracy"],
-        }
-        log.info(
-            "[baseline] %s, %s parameters, %s (%d epochs): val_accuracy %.3f, test_accuracy %.3f",
-            cfg.model.name,
-            f"{base.entry.meta['params_total']:,}",
-            base.status,
-            cfg.train.epochs,
-            summary["baseline_val_accuracy"],
-            summary["baseline_test_accuracy"],
-        )
-
+        base, summary = _baseline(cfg, data, resolved)
         final, history, fine_tune_from = base, base.history, None
         if schedule is not None:
-            first = cfg.train.epochs + 1
-            final = stages.pruned(
-                cache, data, base, cfg.prune, schedule, cfg.train, cfg.seed, resolved,
-                track.epoch_logger(first),
-            )  # fmt: skip
-            if final.reused:
-                track.log_history(final.history, first_step=first)
+            final, prune_metrics = _prune(cfg, data, base, schedule, resolved, output_dir)
+            summary.update(prune_metrics)
             history = {k: base.history[k] + final.history[k] for k in base.history}
-            fine_tune_from = first
-            layers = final.entry.meta["layers"]
-            zeros, params = sum(x["zeros"] for x in layers), sum(x["params"] for x in layers)
-            summary["sparsity_achieved"] = zeros / params
-            summary.update({f"sparsity_{x['layer']}": x["sparsity"] for x in layers})
-            track.log_artifacts([_sparsity_table(layers, output_dir / "sparsity_per_layer.csv")])
-            log.info(
-                "[prune] %s: %s sparsity %.3f (target %.3f) over %s, %d fine-tune epochs",
-                final.status,
-                cfg.prune.method.value,
-                summary["sparsity_achieved"],
-                layers[0]["target"],
-                ", ".join(x["layer"] for x in layers),
-                cfg.prune.fine_tune_epochs,
-            )
+            fine_tune_from = cfg.train.epochs + 1
         track.set_tags({"fallopt.stage.prune": final.status if schedule else "none"})
-        summary["train_accuracy"] = history["accuracy"][-1]
-        summary["val_accuracy"] = history["val_accuracy"][-1]
 
-        model = keras().models.load_model(final.model_file, compile=False)
-        evaluation = evaluate_keras(model, data.test)
-        test_metrics = evaluation.metrics(data.class_names, prefix="test")
-        binary = "test_fall_recall" in test_metrics
-        log.info(
-            "[evaluate] test_accuracy %.3f%s",
-            evaluation.accuracy,
-            f", fall recall {test_metrics['test_fall_recall']:.3f}, false alarms "
-            f"{test_metrics['test_false_alarm_rate']:.3f}"
-            if binary
-            else "",
-        )
-        sizes = _size_metrics(base, final, model)
-        log.info(
-            "[size] %s: %s bytes, gzip %s bytes (%.2fx baseline), %s non-zero parameters",
-            SIZE_FILE,
-            f"{sizes['keras_size_bytes']:,}",
-            f"{sizes['keras_gzip_bytes']:,}",
-            sizes["gzip_ratio_to_baseline"],
-            f"{sizes['nonzero_params']:,}",
-        )
-        summary.update(test_metrics)
-        summary.update(sizes)
-        summary["params_total"] = model.count_params()
+        evaluation, final_metrics = _evaluate(cfg, data, base, final)
+        summary.update(final_metrics)
         # train_/val_ accuracy and loss were logged epoch by epoch; the rest once.
-        track.log_metrics(
-            {k: v for k, v in summary.items() if k not in ("train_accuracy", "val_accuracy")}
-        )
-
-        cm_json = output_dir / "confusion_matrix.json"
-        cm_json.write_text(json.dumps(evaluation.confusion.tolist()))
-        title = f"{cfg.model.name} on {data.name}\ntest set, accuracy {evaluation.accuracy:.1%}"
-        track.log_artifacts(
-            [
-                config_file,
-                cm_json,
-                confusion_matrix_png(
-                    evaluation.confusion,
-                    data.class_names,
-                    output_dir / "confusion_matrix.png",
-                    title,
-                ),
-                training_curves_png(history, output_dir / "training_curves.png", fine_tune_from),
-            ]
-        )
+        track.log_metrics({**summary, **counts})
+        _log_figures(cfg, data, evaluation, history, fine_tune_from, output_dir)
         track.log_artifacts([final.model_file], "model")
         log.info(
             "[track] run %s in experiment %r at %s",
@@ -218,4 +237,9 @@ def run_experiment(
             cfg.tracking.experiment,
             cfg.tracking.uri,
         )
-    return {**summary, **counts}
+    return {
+        **summary,
+        **counts,
+        "train_accuracy": history["accuracy"][-1],
+        "val_accuracy": history["val_accuracy"][-1],
+    }

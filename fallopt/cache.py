@@ -23,8 +23,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# Bump when a stage's code changes what it produces, so old entries are not reused.
-STAGE_VERSION = 2
+# Bump whenever a stage changes what it produces or what its meta.json holds: old entries
+# would be reused as they are.
+STAGE_VERSION = 3
 
 
 def stage_key(kind: str, payload: dict[str, Any]) -> str:

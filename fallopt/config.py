@@ -256,16 +256,27 @@ class PruneConfig:
 
 
 class QuantMode(str, Enum):
-    """TFLite conversion modes. Only `none` (keep the Keras model) is implemented so far."""
+    """TFLite conversion modes (quantization-aware training is not implemented yet)."""
 
-    none = "none"
+    none = "none"  # float32 TFLite
+    dynamic = "dynamic"  # int8 weights, float activations
+    float16 = "float16"  # float16 weights
+    int8 = "int8"  # full integer, int8 input and output, calibrated on training images
 
 
 @dataclass
 class QuantConfig:
-    """Quantization of the (pruned) model."""
+    """Conversion of the (pruned) model to TFLite, and how the result is evaluated."""
 
     mode: QuantMode = QuantMode.none
+    # Training images drawn to calibrate int8 activation ranges.
+    representative_samples: int = 200
+    threads: int = 2  # LiteRT interpreter threads for evaluation
+
+    def __post_init__(self) -> None:
+        n = self.representative_samples
+        _require(n >= 1, "quant.representative_samples", n, "must be >= 1")
+        _require(self.threads >= 1, "quant.threads", self.threads, "must be >= 1")
 
 
 @dataclass

@@ -8,16 +8,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import OmegaConf
 
 import fallopt
 from fallopt import stages, track
 from fallopt.backend import keras
 from fallopt.compress.prune import select_layers
+from fallopt.compress.quantize import convert, representative_images
 from fallopt.compress.schedule import Schedule, plan_schedule
-from fallopt.config import FalloptConfig, PruneMethod, flatten
+from fallopt.config import FalloptConfig, PruneMethod, QuantMode, flatten
 from fallopt.data import Dataset, load_dataset
-from fallopt.evaluate import Evaluation, evaluate_keras
+from fallopt.evaluate import Evaluation, evaluate_keras, evaluate_probabilities
+from fallopt.export import c_array
+from fallopt.litert import TFLiteModel
 from fallopt.models import build_model, feature_map_sizes
 from fallopt.plots import confusion_matrix_png, training_curves_png
 from fallopt.size import file_size, nonzero_params
@@ -28,14 +32,22 @@ log = logging.getLogger(__name__)
 SIZE_FILE = "model/model.keras"  # the artifact the keras_* size metrics measure
 
 
-def _preflight(cfg: FalloptConfig, data: Dataset) -> Schedule | None:
-    """Checks that need the data's shape: fail before an MLflow run is opened."""
+def _preflight(cfg: FalloptConfig, data: Dataset) -> tuple[Schedule | None, np.ndarray | None]:
+    """Checks that need the data: fail before an MLflow run is opened.
+
+    Returns the pruning schedule (None for prune=none) and the int8 calibration images.
+    """
     feature_map_sizes(cfg.model, data.input_shape)
+    representative = None
+    if cfg.quant.mode is QuantMode.int8:
+        representative = representative_images(
+            data.train, cfg.quant.representative_samples, cfg.seed
+        )
     if cfg.prune.method is PruneMethod.none:
-        return None
+        return None, representative
     schedule = plan_schedule(cfg.prune, steps_per_epoch(len(data.train), cfg.train.batch_size))
     select_layers(build_model(cfg.model, data.input_shape, data.num_classes), cfg.prune.scope)
-    return schedule
+    return schedule, representative
 
 
 def _sparsity_table(layers: list[dict[str, Any]], path: Path) -> Path:
@@ -160,6 +172,60 @@ def _evaluate(
     return evaluation, {**metrics, **sizes, "params_total": model.count_params()}
 
 
+def _quantize(
+    cfg: FalloptConfig,
+    data: Dataset,
+    base: stages.StageResult,
+    final: stages.StageResult,
+    keras_eval: Evaluation,
+    representative: np.ndarray | None,
+    output_dir: Path,
+) -> dict[str, float]:
+    """Convert the final model, evaluate exactly that file with LiteRT, log it and its C array."""
+    k = keras()
+    model = k.models.load_model(final.model_file, compile=False)
+    tflite_file = output_dir / "model.tflite"
+    tflite_file.write_bytes(convert(model, cfg.quant.mode, representative))
+    # The reference for ratios: the unpruned baseline as float32 TFLite.
+    reference_file = output_dir / "baseline_float32.tflite"
+    baseline = k.models.load_model(base.model_file, compile=False)
+    reference_file.write_bytes(convert(baseline, QuantMode.none))
+    reference = file_size(reference_file)
+    tflite = TFLiteModel(tflite_file.read_bytes(), cfg.quant.threads)
+    evaluation = evaluate_probabilities(data.test.y, tflite.predict(data.test.x))
+    size = file_size(tflite_file)
+    metrics = evaluation.metrics(data.class_names, prefix="tflite_test")
+    metrics.update(
+        {
+            "tflite_size_bytes": size.raw_bytes,
+            "tflite_gzip_bytes": size.gzip_bytes,
+            "tflite_size_ratio_to_baseline": size.raw_bytes / reference.raw_bytes,
+            "tflite_gzip_ratio_to_baseline": size.gzip_bytes / reference.gzip_bytes,
+            "tflite_sparsity": tflite.weight_sparsity(),
+            "tflite_disagreement": float(np.mean(evaluation.predictions != keras_eval.predictions)),
+        }
+    )
+    cm_json = output_dir / "tflite_confusion_matrix.json"
+    cm_json.write_text(json.dumps(evaluation.confusion.tolist()))
+    c_dir = output_dir / "c_array"
+    c_dir.mkdir(exist_ok=True)
+    track.log_artifacts([tflite_file, cm_json])
+    track.log_artifacts(list(c_array(tflite_file.read_bytes(), c_dir)), "c_array")
+    track.set_tags({"fallopt.stage.quant": cfg.quant.mode.value})
+    log.info(
+        "[quant] %s: model.tflite %s bytes, gzip %s (%.2fx baseline float32 TFLite), "
+        "test_accuracy %.3f, %.1f%% predictions differ from Keras, weight sparsity %.3f",
+        cfg.quant.mode.value,
+        f"{size.raw_bytes:,}",
+        f"{size.gzip_bytes:,}",
+        metrics["tflite_gzip_ratio_to_baseline"],
+        evaluation.accuracy,
+        100 * metrics["tflite_disagreement"],
+        metrics["tflite_sparsity"],
+    )
+    return metrics
+
+
 def _log_figures(
     cfg: FalloptConfig,
     data: Dataset,
@@ -196,7 +262,7 @@ def run_experiment(
     experiment_id = track.connect(cfg.tracking)
     data = load_dataset(cfg.dataset, cfg.train.val_split, cfg.seed)
     log.info("[data] %s", data.describe())
-    schedule = _preflight(cfg, data)
+    schedule, representative = _preflight(cfg, data)
 
     tags = {
         "fallopt.version": fallopt.__version__,
@@ -227,6 +293,7 @@ def run_experiment(
 
         evaluation, final_metrics = _evaluate(cfg, data, base, final)
         summary.update(final_metrics)
+        summary.update(_quantize(cfg, data, base, final, evaluation, representative, output_dir))
         # train_/val_ accuracy and loss were logged epoch by epoch; the rest once.
         track.log_metrics({**summary, **counts})
         _log_figures(cfg, data, evaluation, history, fine_tune_from, output_dir)

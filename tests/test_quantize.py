@@ -1,0 +1,158 @@
+"""TFLite conversion per mode, checked by loading each file with LiteRT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fallopt.compress.quantize import convert, representative_images
+from fallopt.config import BlockOrder, ConfigError, ModelConfig, QuantMode, TrainConfig
+from fallopt.data import Split
+from fallopt.evaluate import evaluate_probabilities
+from fallopt.export import c_array
+from fallopt.litert import TFLiteModel
+from fallopt.models import build_model
+from fallopt.train import seed_everything, train_model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small CNN whose dense kernel (1,152 x 32) is large enough to be quantized."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(96, 16, 16, 1), dtype=np.uint8)
+    y = np.arange(96) % 2
+    x[y == 1, 4:12, 4:12] = 255
+    seed_everything(0)
+    model = build_model(
+        ModelConfig(
+            name="q", filters=[8], kernel_size=3, dense_units=[32], block_order=BlockOrder.conv_relu
+        ),
+        (16, 16, 1),
+        2,
+    )
+    cfg = TrainConfig(epochs=4, batch_size=16)
+    train_model(model, Split(x[:64], y[:64]), Split(x[64:], y[64:]), cfg, 0)
+    return model, Split(x[:64], y[:64]), Split(x[64:], y[64:])
+
+
+@pytest.fixture(scope="module")
+def files(trained):
+    model, train, _ = trained
+    rep = representative_images(train, 32, seed=0)
+    return {mode: convert(model, mode, rep) for mode in QuantMode}
+
+
+def test_float32_tflite_predicts_like_keras(trained, files):
+    model, _, test = trained
+    tflite = TFLiteModel(files[QuantMode.none])
+    assert tflite.input_dtype == np.float32 and tflite.output_dtype == np.float32
+    keras_probs = model.predict(test.x.astype(np.float32) / 255, verbose=0)
+    np.testing.assert_allclose(tflite.predict(test.x), keras_probs, atol=1e-5)
+
+
+def test_float16_is_about_half_and_dynamic_about_a_quarter(files):
+    f32 = len(files[QuantMode.none])
+    assert 0.4 < len(files[QuantMode.float16]) / f32 < 0.6
+    assert 0.2 < len(files[QuantMode.dynamic]) / f32 < 0.35
+
+
+def test_int8_has_int8_input_and_output_and_still_classifies(trained, files):
+    _, _, test = trained
+    tflite = TFLiteModel(files[QuantMode.int8])
+    assert tflite.input_dtype == np.int8 and tflite.output_dtype == np.int8
+    probs = tflite.predict(test.x, batch_size=7)  # a ragged last batch too
+    assert probs.shape == (32, 2)
+    keras_probs = trained[0].predict(test.x.astype(np.float32) / 255, verbose=0)
+    assert evaluate_probabilities(test.y, keras_probs).accuracy > 0.9  # the square is easy
+    assert evaluate_probabilities(test.y, probs).accuracy > 0.9
+    assert (probs.argmax(1) == keras_probs.argmax(1)).mean() >= 0.9
+
+
+def test_int8_without_enough_representative_images_is_refused(trained):
+    _, train, _ = trained
+    with pytest.raises(ConfigError, match="quant.representative_samples=500 but the training"):
+        representative_images(train, 500, seed=0)
+
+
+def test_weight_sparsity_is_read_from_the_file(trained):
+    from fallopt.backend import keras
+
+    model = trained[0]
+    sparse = keras().models.clone_model(model)
+    weights = model.get_weights()
+    weights[0][...] = 0  # every conv kernel weight
+    sparse.set_weights(weights)
+    for mode in (QuantMode.none, QuantMode.float16, QuantMode.dynamic):
+        tflite = TFLiteModel(convert(sparse, mode))
+        n_conv, n_dense = weights[0].size, weights[2].size + weights[4].size
+        assert tflite.weight_sparsity() == pytest.approx(n_conv / (n_conv + n_dense), abs=0.01)
+
+
+def test_c_array_holds_the_exact_bytes(files, tmp_path):
+    content = files[QuantMode.int8]
+    source, header = c_array(content, tmp_path)
+    text = source.read_text()
+    body = text[text.index("{") + 1 : text.index("}")]
+    assert bytes(int(v, 16) for v in body.replace("\n", "").split(",")) == content
+    assert f"g_model_data_len = {len(content)};" in text
+    assert "extern const unsigned char g_model_data[];" in header.read_text()
+
+
+def test_tracked_int8_run_logs_the_file_it_evaluated(compose_cfg, tmp_path, tracking_uri):
+    """The logged TFLite accuracy equals the lab's own loop over the logged file."""
+    import mlflow
+    from ai_edge_litert.interpreter import Interpreter
+    from mlflow.tracking import MlflowClient
+
+    from fallopt.backend import keras
+    from fallopt.config import config_hash, resolved_dict, validate
+    from fallopt.data import load_dataset
+    from fallopt.task import run_experiment
+
+    from .conftest import TINY
+
+    overrides = [*TINY, "prune.sparsity=0.5", "quant=int8", "quant.representative_samples=20"]
+    cfg = compose_cfg(*overrides, f"tracking.uri={tracking_uri}")
+    typed = validate(cfg)
+    run_experiment(typed, resolved_dict(cfg), config_hash(cfg), tmp_path / "out")
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fallopt").experiment_id])
+    m = run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.tags["fallopt.stage.quant"] == "int8"
+    art = tmp_path / "dl"
+    mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, dst_path=str(art), tracking_uri=tracking_uri
+    )
+    content = (art / "model.tflite").read_bytes()
+    assert m["tflite_size_bytes"] == len(content)
+
+    # The lab's loop: one image per invoke, input quantized by hand.
+    data = load_dataset(typed.dataset, typed.train.val_split, typed.seed)
+    interpreter = Interpreter(model_content=content)
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    assert inp["dtype"] == np.int8 and out["dtype"] == np.int8
+    scale, zero = inp["quantization"]
+    predicted = []
+    for image in data.test.x:
+        q = np.clip(np.round(image / 255.0 / scale + zero), -128, 127).astype(np.int8)
+        interpreter.set_tensor(inp["index"], q[None])
+        interpreter.invoke()
+        predicted.append(int(interpreter.get_tensor(out["index"])[0].argmax()))
+    predicted = np.array(predicted)
+    assert m["tflite_test_accuracy"] == pytest.approx(np.mean(predicted == data.test.y))
+    confusion = np.zeros((2, 2), int)
+    np.add.at(confusion, (data.test.y, predicted), 1)
+    import json
+
+    assert json.loads((art / "tflite_confusion_matrix.json").read_text()) == confusion.tolist()
+
+    # Pruned zeros survive int8 conversion: the file's weights are as sparse as the model's.
+    model = keras().models.load_model(art / "model" / "model.keras", compile=False)
+    kernels = [layer.kernel.numpy() for layer in model.layers if hasattr(layer, "kernel")]
+    keras_zeros = sum(int((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels)
+    assert keras_zeros > 0.3
+    assert m["tflite_sparsity"] == pytest.approx(keras_zeros, abs=0.02)
+    assert 0 <= m["tflite_disagreement"] <= 1
+    source = (art / "c_array" / "model_data.cc").read_text()
+    assert f"g_model_data_len = {len(content)};" in source

@@ -256,12 +256,14 @@ class PruneConfig:
 
 
 class QuantMode(str, Enum):
-    """TFLite conversion modes (quantization-aware training is not implemented yet)."""
+    """TFLite conversion modes."""
 
     none = "none"  # float32 TFLite
     dynamic = "dynamic"  # int8 weights, float activations
     float16 = "float16"  # float16 weights
     int8 = "int8"  # full integer, int8 input and output, calibrated on training images
+    qat = "qat"  # quantization-aware fine-tune, then int8 weights and activations
+    pqat = "pqat"  # the same, keeping the pruned zeros
 
 
 @dataclass
@@ -272,11 +274,19 @@ class QuantConfig:
     # Training images drawn to calibrate int8 activation ranges.
     representative_samples: int = 200
     threads: int = 2  # LiteRT interpreter threads for evaluation
+    fine_tune_epochs: int = 1  # quantization-aware fine-tune (qat, pqat)
+    # Store weights in TFLite's sparse format (pays off for heavily pruned models).
+    sparse_weights: bool = False
+    latency_repeats: int = 50  # single-image invokes timed for tflite_latency_ms
 
     def __post_init__(self) -> None:
         n = self.representative_samples
         _require(n >= 1, "quant.representative_samples", n, "must be >= 1")
         _require(self.threads >= 1, "quant.threads", self.threads, "must be >= 1")
+        epochs = self.fine_tune_epochs
+        _require(epochs >= 1, "quant.fine_tune_epochs", epochs, "must be >= 1")
+        repeats = self.latency_repeats
+        _require(repeats >= 1, "quant.latency_repeats", repeats, "must be >= 1")
 
 
 @dataclass

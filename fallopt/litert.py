@@ -7,8 +7,13 @@ the model's own scale and zero point, exactly as a device would feed them.
 
 from __future__ import annotations
 
+import platform
+import statistics
+import time
+from pathlib import Path
+
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from fallopt.data import to_float
 
@@ -16,12 +21,35 @@ from fallopt.data import to_float
 _WEIGHT_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
 
 
-class TFLiteModel:
-    """A `.tflite` flatbuffer ready to predict class probabilities from uint8 images."""
+def host_cpu() -> str:
+    """The CPU's model name, so nobody mistakes a host latency for a device latency."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
-    def __init__(self, content: bytes, threads: int = 2) -> None:
+
+def _interpreter(content: bytes, threads: int, xnnpack: bool) -> Interpreter:
+    # XNNPACK, LiteRT's default CPU delegate, cannot prepare sparse weight tensors.
+    resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    return Interpreter(
+        model_content=content, num_threads=threads, experimental_op_resolver_type=resolver
+    )
+
+
+class TFLiteModel:
+    """A `.tflite` flatbuffer ready to predict class probabilities from uint8 images.
+
+    `xnnpack=False` runs the built-in kernels only (needed for sparse weight storage).
+    """
+
+    def __init__(self, content: bytes, threads: int = 2, xnnpack: bool = True) -> None:
         self.content = content
-        self.interpreter = Interpreter(model_content=content, num_threads=threads)
+        self.xnnpack = xnnpack
+        self.interpreter = _interpreter(content, threads, xnnpack)
         self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
@@ -64,6 +92,26 @@ class TFLiteModel:
             self.interpreter.invoke()
             out.append(self._dequantize(self.interpreter.get_tensor(self.output["index"])))
         return np.concatenate(out)
+
+    def latency_ms(self, image: np.ndarray, repeats: int = 50, warmup: int = 5) -> float:
+        """Median milliseconds of one single-image invoke on one thread, after warm-up."""
+        interpreter = _interpreter(self.content, 1, self.xnnpack)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(self.input["index"], self._quantize(image[None]))
+        times = []
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            interpreter.invoke()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+    def throughput(self, x: np.ndarray, batch_size: int = 256) -> float:
+        """Images per second of batched `predict` over x (after one warm-up batch)."""
+        self.predict(x[:batch_size], batch_size)
+        start = time.perf_counter()
+        self.predict(x, batch_size)
+        return len(x) / (time.perf_counter() - start)
 
     def weight_sparsity(self) -> float:
         """Fraction of exact zeros in the stored weights of conv and dense ops.

@@ -15,13 +15,19 @@ import fallopt
 from fallopt import stages, track
 from fallopt.backend import keras
 from fallopt.compress.prune import select_layers
-from fallopt.compress.quantize import convert, representative_images
+from fallopt.compress.quantize import (
+    AWARE,
+    check_quantizable,
+    convert,
+    quantization_aware_fine_tune,
+    representative_images,
+)
 from fallopt.compress.schedule import Schedule, plan_schedule
 from fallopt.config import FalloptConfig, PruneMethod, QuantMode, flatten
 from fallopt.data import Dataset, load_dataset
 from fallopt.evaluate import Evaluation, evaluate_keras, evaluate_probabilities
 from fallopt.export import c_array
-from fallopt.litert import TFLiteModel
+from fallopt.litert import TFLiteModel, host_cpu
 from fallopt.models import build_model, feature_map_sizes
 from fallopt.plots import confusion_matrix_png, training_curves_png
 from fallopt.size import file_size, nonzero_params
@@ -38,6 +44,9 @@ def _preflight(cfg: FalloptConfig, data: Dataset) -> tuple[Schedule | None, np.n
     Returns the pruning schedule (None for prune=none) and the int8 calibration images.
     """
     feature_map_sizes(cfg.model, data.input_shape)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    if cfg.quant.mode in AWARE:
+        check_quantizable(model, cfg.quant.mode)
     representative = None
     if cfg.quant.mode is QuantMode.int8:
         representative = representative_images(
@@ -46,7 +55,7 @@ def _preflight(cfg: FalloptConfig, data: Dataset) -> tuple[Schedule | None, np.n
     if cfg.prune.method is PruneMethod.none:
         return None, representative
     schedule = plan_schedule(cfg.prune, steps_per_epoch(len(data.train), cfg.train.batch_size))
-    select_layers(build_model(cfg.model, data.input_shape, data.num_classes), cfg.prune.scope)
+    select_layers(model, cfg.prune.scope)
     return schedule, representative
 
 
@@ -183,15 +192,25 @@ def _quantize(
 ) -> dict[str, float]:
     """Convert the final model, evaluate exactly that file with LiteRT, log it and its C array."""
     k = keras()
-    model = k.models.load_model(final.model_file, compile=False)
+    q = cfg.quant
+    if q.mode in AWARE:
+        epochs_so_far = cfg.train.epochs + (
+            cfg.prune.fine_tune_epochs if cfg.prune.method is not PruneMethod.none else 0
+        )
+        model = quantization_aware_fine_tune(
+            final.model_file, q.mode, data.train, data.val, cfg.train, q.fine_tune_epochs,
+            cfg.seed, track.epoch_logger(epochs_so_far + 1),
+        )  # fmt: skip
+    else:
+        model = k.models.load_model(final.model_file, compile=False)
     tflite_file = output_dir / "model.tflite"
-    tflite_file.write_bytes(convert(model, cfg.quant.mode, representative))
+    tflite_file.write_bytes(convert(model, q.mode, representative, q.sparse_weights))
     # The reference for ratios: the unpruned baseline as float32 TFLite.
     reference_file = output_dir / "baseline_float32.tflite"
     baseline = k.models.load_model(base.model_file, compile=False)
     reference_file.write_bytes(convert(baseline, QuantMode.none))
     reference = file_size(reference_file)
-    tflite = TFLiteModel(tflite_file.read_bytes(), cfg.quant.threads)
+    tflite = TFLiteModel(tflite_file.read_bytes(), q.threads, xnnpack=not q.sparse_weights)
     evaluation = evaluate_probabilities(data.test.y, tflite.predict(data.test.x))
     size = file_size(tflite_file)
     metrics = evaluation.metrics(data.class_names, prefix="tflite_test")
@@ -203,6 +222,8 @@ def _quantize(
             "tflite_gzip_ratio_to_baseline": size.gzip_bytes / reference.gzip_bytes,
             "tflite_sparsity": tflite.weight_sparsity(),
             "tflite_disagreement": float(np.mean(evaluation.predictions != keras_eval.predictions)),
+            "tflite_latency_ms": tflite.latency_ms(data.test.x[0], q.latency_repeats),
+            "tflite_throughput_ips": tflite.throughput(data.test.x),
         }
     )
     cm_json = output_dir / "tflite_confusion_matrix.json"
@@ -211,17 +232,27 @@ def _quantize(
     c_dir.mkdir(exist_ok=True)
     track.log_artifacts([tflite_file, cm_json])
     track.log_artifacts(list(c_array(tflite_file.read_bytes(), c_dir)), "c_array")
-    track.set_tags({"fallopt.stage.quant": cfg.quant.mode.value})
+    track.set_tags(
+        {
+            "fallopt.stage.quant": q.mode.value,
+            "fallopt.host_cpu": host_cpu(),
+            "fallopt.latency": "tflite_latency_ms: 1 thread, batch 1, median after warm-up, "
+            "on the host CPU, not the device",
+        }
+    )
     log.info(
         "[quant] %s: model.tflite %s bytes, gzip %s (%.2fx baseline float32 TFLite), "
-        "test_accuracy %.3f, %.1f%% predictions differ from Keras, weight sparsity %.3f",
-        cfg.quant.mode.value,
+        "test_accuracy %.3f, %.1f%% predictions differ from Keras, weight sparsity %.3f, "
+        "%.2f ms per image on %s",
+        q.mode.value,
         f"{size.raw_bytes:,}",
         f"{size.gzip_bytes:,}",
         metrics["tflite_gzip_ratio_to_baseline"],
         evaluation.accuracy,
         100 * metrics["tflite_disagreement"],
         metrics["tflite_sparsity"],
+        metrics["tflite_latency_ms"],
+        host_cpu(),
     )
     return metrics
 

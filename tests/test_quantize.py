@@ -156,3 +156,68 @@ def test_tracked_int8_run_logs_the_file_it_evaluated(compose_cfg, tmp_path, trac
     assert 0 <= m["tflite_disagreement"] <= 1
     source = (art / "c_array" / "model_data.cc").read_text()
     assert f"g_model_data_len = {len(content)};" in source
+
+
+@pytest.fixture(scope="module")
+def pruned_qat_ready(tmp_path_factory):
+    """A Conv -> BN -> ReLU model (QAT can wrap it) with half its conv and dense weights zero."""
+    from fallopt.size import save_model
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=(64, 16, 16, 1), dtype=np.uint8)
+    y = np.arange(64) % 2
+    model = build_model(
+        ModelConfig(
+            name="qat", filters=[8], kernel_size=3, dense_units=[64], block_order="conv_bn_relu"
+        ),
+        (16, 16, 1),
+        2,
+    )
+    weights = model.get_weights()
+    for w in weights:
+        if w.ndim >= 2:  # kernels
+            w[np.abs(w) < np.median(np.abs(w))] = 0
+    model.set_weights(weights)
+    path = save_model(model, tmp_path_factory.mktemp("qat") / "model.keras")
+    return path, Split(x[:48], y[:48]), Split(x[48:], y[48:])
+
+
+@pytest.mark.parametrize("mode", [QuantMode.qat, QuantMode.pqat])
+def test_quantization_aware_modes_convert_and_pqat_keeps_the_zeros(pruned_qat_ready, mode):
+    from fallopt.compress.quantize import quantization_aware_fine_tune
+
+    path, train, val = pruned_qat_ready
+    aware = quantization_aware_fine_tune(path, mode, train, val, TrainConfig(batch_size=16), 1, 0)
+    tflite = TFLiteModel(convert(aware, mode))
+    assert tflite.predict(val.x).shape == (16, 2)
+    if mode is QuantMode.pqat:
+        assert tflite.weight_sparsity() == pytest.approx(0.5, abs=0.01)
+    else:  # plain QAT fine-tunes the zeros away
+        assert tflite.weight_sparsity() < 0.4
+
+
+def test_qat_on_the_labs_layer_order_is_refused_before_training():
+    from fallopt.compress.quantize import check_quantizable
+
+    lab = build_model(ModelConfig(name="l", filters=[4], kernel_size=3), (12, 12, 1), 2)
+    with pytest.raises(ConfigError, match=r"cannot wrap layer bn1.*model=cauca_cnn_qat"):
+        check_quantizable(lab, QuantMode.qat)
+
+
+def test_sparse_weight_storage_shrinks_a_pruned_model_and_still_runs(pruned_qat_ready, trained):
+    from fallopt.backend import keras
+
+    model = keras().models.load_model(pruned_qat_ready[0], compile=False)
+    dense = convert(model, QuantMode.none)
+    sparse = convert(model, QuantMode.none, sparse_weights=True)
+    assert len(sparse) < 0.8 * len(dense)
+    x = pruned_qat_ready[2].x
+    np.testing.assert_allclose(
+        TFLiteModel(sparse, xnnpack=False).predict(x), TFLiteModel(dense).predict(x), atol=1e-5
+    )
+
+
+def test_latency_and_throughput_are_measured(files, trained):
+    tflite = TFLiteModel(files[QuantMode.dynamic])
+    assert tflite.latency_ms(trained[2].x[0], repeats=5) > 0
+    assert tflite.throughput(trained[2].x) > 0

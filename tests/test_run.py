@@ -94,7 +94,10 @@ def test_tracked_run_records_everything_the_ui_needs(compose_cfg, tmp_path, trac
 def test_same_seed_same_run_metrics(compose_cfg, tmp_path, tracking_uri):
     first = _run(compose_cfg, tmp_path / "a", tracking_uri.replace("mlruns", "a"), *TINY)[2]
     second = _run(compose_cfg, tmp_path / "b", tracking_uri.replace("mlruns", "b"), *TINY)[2]
-    assert first == second
+    timings = ("tflite_latency_ms", "tflite_throughput_ips")  # wall-clock, never repeatable
+    assert {k: v for k, v in first.items() if k not in timings} == {
+        k: v for k, v in second.items() if k not in timings
+    }
 
 
 def test_a_failing_run_is_recorded_failed(compose_cfg, tmp_path, tracking_uri, monkeypatch):

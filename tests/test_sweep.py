@@ -63,3 +63,27 @@ def test_seed_lab_sweeps_the_labs_ten_sparsities_on_dense_layers():
     assert [float(s) for s in sparsities] == [round(0.1 * i, 1) for i in range(10)]
     assert cfg.prune.method == "constant" and cfg.prune.scope == "dense"
     assert cfg.prune.fine_tune_epochs == 2
+
+
+def test_prune_by_quant_grid_trains_each_model_once(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    args = [*TINY, "quant.representative_samples=20", f"tracking.uri={uri}"]
+    grid = ["prune.sparsity=0.5,0.8", "quant=dynamic,int8"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fallopt.run", "-m", *grid, *args, f"hydra.sweep.dir={tmp_path}/s"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "FALLOPT_CACHE": str(tmp_path / "cache")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("fallopt").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`fallopt.role` = 'sweep'")
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
+    tags = [r.data.tags for r in children]
+    assert sorted(t["fallopt.stage.baseline"] for t in tags).count("trained") == 1
+    assert sorted(t["fallopt.stage.prune"] for t in tags).count("trained") == 2
+    assert sorted(t["fallopt.stage.quant"] for t in tags) == ["dynamic", "dynamic", "int8", "int8"]

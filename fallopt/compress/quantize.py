@@ -1,17 +1,22 @@
-"""Convert a Keras model to TFLite: float32, dynamic range, float16 or full int8."""
+"""Convert a Keras model to TFLite: float32, dynamic range, float16, full int8, QAT, PQAT."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fallopt.config import QuantMode
+from fallopt.backend import keras
+from fallopt.config import QuantMode, TrainConfig
 from fallopt.data import Split, to_float
 from fallopt.errors import ConfigError
+from fallopt.train import EpochHook, fit
 
 if TYPE_CHECKING:
     import tf_keras
+
+AWARE = (QuantMode.qat, QuantMode.pqat)
 
 
 def representative_images(train: Split, n: int, seed: int) -> np.ndarray:
@@ -29,18 +34,72 @@ def representative_images(train: Split, n: int, seed: int) -> np.ndarray:
     return to_float(train.x[chosen])
 
 
+def check_quantizable(model: tf_keras.Model, mode: QuantMode) -> None:
+    """Refuse, before any training, a model tfmot's QAT cannot wrap.
+
+    tfmot supports BatchNormalization only right after a Conv2D without activation (it folds
+    the pair); the lab's Conv2D(relu) -> BatchNorm order is rejected deep inside tfmot.
+    """
+    layers = keras().layers
+    previous = None
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            conv = isinstance(previous, layers.Conv2D)
+            if not conv or previous.activation.__name__ != "linear":
+                after = f"after {previous.name}" if previous is not None else "first"
+                raise ConfigError(
+                    f"quant={mode.value} cannot wrap layer {layer.name} (BatchNormalization "
+                    f"{after}, which has an activation): quantization-aware training needs "
+                    "BatchNorm right after a Conv2D without activation. Use "
+                    "model=cauca_cnn_qat (Conv -> BatchNorm -> ReLU) or quant=int8"
+                )
+        previous = layer
+
+
+def quantization_aware_fine_tune(
+    model_file: Path,
+    mode: QuantMode,
+    train: Split,
+    val: Split,
+    train_cfg: TrainConfig,
+    epochs: int,
+    seed: int,
+    on_epoch_end: EpochHook | None = None,
+) -> tf_keras.Model:
+    """Fine-tune a fresh copy of the model with fake quantization (pqat keeps its zeros)."""
+    import tensorflow_model_optimization as tfmot
+
+    qkeras = tfmot.quantization.keras
+    model = keras().models.load_model(model_file, compile=False)
+    check_quantizable(model, mode)
+    if mode is QuantMode.pqat:
+        scheme = tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
+        aware = qkeras.quantize_apply(qkeras.quantize_annotate_model(model), scheme)
+    else:
+        aware = qkeras.quantize_model(model)
+    fit(aware, train, val, train_cfg, epochs, seed, on_epoch_end)
+    return aware
+
+
 def convert(
-    model: tf_keras.Model, mode: QuantMode, representative: np.ndarray | None = None
+    model: tf_keras.Model,
+    mode: QuantMode,
+    representative: np.ndarray | None = None,
+    sparse_weights: bool = False,
 ) -> bytes:
     """The model as a TFLite flatbuffer in the given mode.
 
     `representative` (float32 images) is required for int8, whose input and output are int8.
+    For qat and pqat, `model` is the quantization-aware model. `sparse_weights` stores
+    weights in TFLite's sparse format.
     """
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse_weights else []
     if mode is not QuantMode.none:
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        optimizations.append(tf.lite.Optimize.DEFAULT)
+    converter.optimizations = optimizations
     if mode is QuantMode.float16:
         converter.target_spec.supported_types = [tf.float16]
     elif mode is QuantMode.int8:

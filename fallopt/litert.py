@@ -106,13 +106,6 @@ class TFLiteModel:
                 times.append(time.perf_counter() - start)
         return 1000 * statistics.median(times)
 
-    def throughput(self, x: np.ndarray, batch_size: int = 256) -> float:
-        """Images per second of batched `predict` over x (after one warm-up batch)."""
-        self.predict(x[:batch_size], batch_size)
-        start = time.perf_counter()
-        self.predict(x, batch_size)
-        return len(x) / (time.perf_counter() - start)
-
     def weight_sparsity(self) -> float:
         """Fraction of exact zeros in the stored weights of conv and dense ops.
 

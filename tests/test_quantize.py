@@ -154,6 +154,8 @@ def test_tracked_int8_run_logs_the_file_it_evaluated(compose_cfg, tmp_path, trac
     assert keras_zeros > 0.3
     assert m["tflite_sparsity"] == pytest.approx(keras_zeros, abs=0.02)
     assert 0 <= m["tflite_disagreement"] <= 1
+    assert m["tflite_latency_ms"] > 0 and m["tflite_throughput_ips"] > 0
+    assert run.data.tags["fallopt.host_cpu"]
     source = (art / "c_array" / "model_data.cc").read_text()
     assert f"g_model_data_len = {len(content)};" in source
 
@@ -217,7 +219,6 @@ def test_sparse_weight_storage_shrinks_a_pruned_model_and_still_runs(pruned_qat_
     )
 
 
-def test_latency_and_throughput_are_measured(files, trained):
+def test_latency_is_measured(files, trained):
     tflite = TFLiteModel(files[QuantMode.dynamic])
-    assert tflite.latency_ms(trained[2].x[0], repeats=5) > 0
-    assert tflite.throughput(trained[2].x) > 0
+    assert 0 < tflite.latency_ms(trained[2].x[0], repeats=5) < 1000

@@ -12,11 +12,12 @@ from mlflow.tracking import MlflowClient
 from .conftest import CONF, REPO, TINY
 
 
-def test_sparsity_sweep_records_parent_children_plots_and_trains_the_baseline_once(tmp_path):
+def _multirun(tmp_path, *overrides: str):
+    """Run `python -m fallopt.run -m` on tiny data; return the output, parent and children."""
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    args = [*TINY, f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/sweep"]
+    args = [*overrides, *TINY, f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = subprocess.run(
-        [sys.executable, "-m", "fallopt.run", "-m", "prune.sparsity=0.1,0.5,0.8", *args],
+        [sys.executable, "-m", "fallopt.run", "-m", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -29,8 +30,13 @@ def test_sparsity_sweep_records_parent_children_plots_and_trains_the_baseline_on
     (parent,) = client.search_runs([experiment], "tags.`fallopt.role` = 'sweep'")
     assert parent.info.status == "FINISHED"
     children = client.search_runs(
-        [experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=10
+        [experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=100
     )
+    return proc, client, parent, children
+
+
+def test_sparsity_sweep_records_parent_children_plots_and_trains_the_baseline_once(tmp_path):
+    proc, client, parent, children = _multirun(tmp_path, "prune.sparsity=0.1,0.5,0.8")
     children.sort(key=lambda r: float(r.data.params["prune.sparsity"]))
     assert [r.info.status for r in children] == ["FINISHED"] * 3
 
@@ -66,22 +72,8 @@ def test_seed_lab_sweeps_the_labs_ten_sparsities_on_dense_layers():
 
 
 def test_prune_by_quant_grid_trains_each_model_once(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    args = [*TINY, "quant.representative_samples=20", f"tracking.uri={uri}"]
-    grid = ["prune.sparsity=0.5,0.8", "quant=dynamic,int8"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "fallopt.run", "-m", *grid, *args, f"hydra.sweep.dir={tmp_path}/s"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "FALLOPT_CACHE": str(tmp_path / "cache")},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("fallopt").experiment_id
-    (parent,) = client.search_runs([experiment], "tags.`fallopt.role` = 'sweep'")
-    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    grid = ["prune.sparsity=0.5,0.8", "quant=dynamic,int8", "quant.representative_samples=20"]
+    *_, children = _multirun(tmp_path, *grid)
     assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
     tags = [r.data.tags for r in children]
     assert sorted(t["fallopt.stage.baseline"] for t in tags).count("trained") == 1

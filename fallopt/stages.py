@@ -14,17 +14,19 @@ from typing import Any
 
 from fallopt.cache import Entry, StageCache, stage_key
 from fallopt.compress.prune import overall_sparsity, prune_and_fine_tune
+from fallopt.compress.quantize import convert
 from fallopt.compress.schedule import Schedule
-from fallopt.config import ModelConfig, PruneConfig, TrainConfig
+from fallopt.config import ModelConfig, PruneConfig, QuantMode, TrainConfig
 from fallopt.data import Dataset, default_cache_dir
 from fallopt.evaluate import evaluate_keras
 from fallopt.models import build_model
-from fallopt.size import save_model
+from fallopt.size import nonzero_params, save_model
 from fallopt.train import EpochHook, seed_everything, train_model
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
+REFERENCE_TFLITE = "float32.tflite"  # the baseline as float32 TFLite: the reference for ratios
 
 
 def stage_cache() -> StageCache:
@@ -43,6 +45,11 @@ class StageResult:
     def model_file(self) -> Path:
         """The stage's model, saved without optimizer state."""
         return self.entry.path / MODEL_FILE
+
+    @property
+    def reference_tflite(self) -> Path:
+        """The baseline converted to float32 TFLite (baseline entries only)."""
+        return self.entry.path / REFERENCE_TFLITE
 
     @property
     def history(self) -> dict[str, list[float]]:
@@ -64,7 +71,11 @@ def baseline(
     resolved: dict[str, Any],
     on_epoch_end: EpochHook | None = None,
 ) -> StageResult:
-    """Train the baseline (or reuse it) and record its validation and test metrics."""
+    """Train the baseline (or reuse it) and record what every run compares against.
+
+    Besides the model: its test metrics, non-zero parameter count and float32 TFLite file,
+    computed once per baseline rather than once per run.
+    """
     key = stage_key(
         "baseline",
         {
@@ -81,10 +92,12 @@ def baseline(
         model = build_model(model_cfg, data.input_shape, data.num_classes)
         history = train_model(model, data.train, data.val, train_cfg, seed, on_epoch_end)
         save_model(model, out / MODEL_FILE)
+        (out / REFERENCE_TFLITE).write_bytes(convert(model, QuantMode.none))
         test = evaluate_keras(model, data.test)
         return {
             "history": history,
             "params_total": model.count_params(),
+            "nonzero_params": nonzero_params(model),
             "test_accuracy": test.accuracy,
             "test_loss": test.loss,
         }

@@ -29,7 +29,7 @@ from fallopt.data import Dataset, load_dataset
 from fallopt.evaluate import Evaluation, evaluate_keras, evaluate_probabilities
 from fallopt.export import c_array
 from fallopt.litert import TFLiteModel, host_cpu
-from fallopt.models import build_model, feature_map_sizes
+from fallopt.models import build_model
 from fallopt.plots import confusion_matrix_png, training_curves_png
 from fallopt.size import file_size, nonzero_params
 from fallopt.train import steps_per_epoch
@@ -44,8 +44,7 @@ def _preflight(cfg: FalloptConfig, data: Dataset) -> tuple[Schedule | None, np.n
 
     Returns the pruning schedule (None for prune=none) and the int8 calibration images.
     """
-    feature_map_sizes(cfg.model, data.input_shape)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)  # checks the shape
     if cfg.quant.mode in AWARE:
         check_quantizable(model, cfg.quant.mode)
     representative = None
@@ -80,9 +79,8 @@ def _sparsity_table(layers: list[dict[str, Any]], path: Path) -> Path:
 
 def _size_metrics(base: stages.StageResult, final: stages.StageResult, model: Any) -> dict:
     """Sizes of the final and the baseline model files, both saved without optimizer."""
-    k = keras()
     base_file, final_file = file_size(base.model_file), file_size(final.model_file)
-    base_nonzero = nonzero_params(k.models.load_model(base.model_file, compile=False))
+    base_nonzero = base.entry.meta["nonzero_params"]
     final_nonzero = nonzero_params(model)
     return {
         "keras_size_bytes": final_file.raw_bytes,
@@ -158,7 +156,7 @@ def _prune(
 
 def _evaluate(
     cfg: FalloptConfig, data: Dataset, base: stages.StageResult, final: stages.StageResult
-) -> tuple[Evaluation, dict[str, float]]:
+) -> tuple[Any, Evaluation, dict[str, float]]:
     model = keras().models.load_model(final.model_file, compile=False)
     evaluation = evaluate_keras(model, data.test)
     metrics = evaluation.metrics(data.class_names, prefix="test")
@@ -179,7 +177,7 @@ def _evaluate(
         sizes["gzip_ratio_to_baseline"],
         f"{sizes['nonzero_params']:,}",
     )
-    return evaluation, {**metrics, **sizes, "params_total": model.count_params()}
+    return model, evaluation, {**metrics, **sizes, "params_total": model.count_params()}
 
 
 def _quantize(
@@ -187,12 +185,12 @@ def _quantize(
     data: Dataset,
     base: stages.StageResult,
     final: stages.StageResult,
+    final_model: Any,
     keras_eval: Evaluation,
     representative: np.ndarray | None,
     output_dir: Path,
 ) -> dict[str, float]:
     """Convert the final model, evaluate exactly that file with LiteRT, log it and its C array."""
-    k = keras()
     q = cfg.quant
     if q.mode in AWARE:
         epochs_so_far = cfg.train.epochs + (
@@ -203,15 +201,11 @@ def _quantize(
             cfg.seed, track.epoch_logger(epochs_so_far + 1),
         )  # fmt: skip
     else:
-        model = k.models.load_model(final.model_file, compile=False)
+        model = final_model
     content = convert(model, q.mode, representative, q.sparse_weights)
     tflite_file = output_dir / "model.tflite"
     tflite_file.write_bytes(content)
-    # The reference for ratios: the unpruned baseline as float32 TFLite.
-    reference_file = output_dir / "baseline_float32.tflite"
-    baseline = k.models.load_model(base.model_file, compile=False)
-    reference_file.write_bytes(convert(baseline, QuantMode.none))
-    reference = file_size(reference_file)
+    reference = file_size(base.reference_tflite)  # the unpruned baseline as float32 TFLite
     tflite = TFLiteModel(content, q.threads, xnnpack=not q.sparse_weights)
     start = time.perf_counter()
     probs = tflite.predict(data.test.x)
@@ -327,9 +321,11 @@ def run_experiment(
             fine_tune_from = cfg.train.epochs + 1
         track.set_tags({"fallopt.stage.prune": final.status if schedule else "none"})
 
-        evaluation, final_metrics = _evaluate(cfg, data, base, final)
+        model, evaluation, final_metrics = _evaluate(cfg, data, base, final)
         summary.update(final_metrics)
-        summary.update(_quantize(cfg, data, base, final, evaluation, representative, output_dir))
+        summary.update(
+            _quantize(cfg, data, base, final, model, evaluation, representative, output_dir)
+        )
         # train_/val_ accuracy and loss were logged epoch by epoch; the rest once.
         track.log_metrics({**summary, **counts})
         _log_figures(cfg, data, evaluation, history, fine_tune_from, output_dir)

@@ -18,3 +18,14 @@ def keras() -> ModuleType:
             "import fallopt before touching tf.keras, or set TF_USE_LEGACY_KERAS=1"
         )
     return tf_keras
+
+
+def set_threads(threads: int) -> None:
+    """Cap TensorFlow's thread pools. Once TensorFlow has run, the first cap stays."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:  # already initialized: a worker's earlier job set the same cap
+        pass

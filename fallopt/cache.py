@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,26 @@ def stage_key(kind: str, payload: dict[str, Any]) -> str:
     """A short, stable hash of a stage's inputs."""
     blob = json.dumps({"kind": kind, "v": STAGE_VERSION, **payload}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def baseline_key(fingerprint: str, classes: list[str], resolved: dict[str, Any], seed: int) -> str:
+    """The baseline stage's key: f(data, model, train, seed)."""
+    return stage_key(
+        "baseline",
+        {
+            "data": fingerprint,
+            "classes": list(classes),
+            "model": resolved["model"],
+            "train": resolved["train"],
+            "seed": seed,
+        },
+    )
+
+
+def pruned_key(base_key: str, resolved: dict[str, Any], seed: int) -> str:
+    """The pruned stage's key: f(baseline, prune, train, seed)."""
+    payload = {"baseline": base_key, "prune": resolved["prune"], "train": resolved["train"]}
+    return stage_key("pruned", {**payload, "seed": seed})
 
 
 def _sha256(path: Path) -> str:
@@ -50,11 +70,41 @@ class Entry:
     meta: dict[str, Any]
 
 
-class StageCache:
-    """Directory of stage entries, `<root>/<kind>-<key>/`."""
+class RemoteStore(Protocol):
+    """A store shared by machines that do not share this cache's disk (see stage_store.py)."""
 
-    def __init__(self, root: Path) -> None:
+    def fetch(self, name: str, dest: Path) -> bool:
+        """Copy entry `name`'s files into `dest`; False if the store has no such entry."""
+        ...
+
+    def publish(self, name: str, src: Path) -> None:
+        """Upload a complete entry."""
+        ...
+
+    def has(self, name: str) -> bool:
+        """Whether the store holds a complete entry `name`."""
+        ...
+
+
+class StageCache:
+    """Directory of stage entries, `<root>/<kind>-<key>/`, optionally backed by a shared store.
+
+    With a `remote`, a local miss is looked up there before building, and what is built is
+    published there, so workers on other machines reuse it.
+    """
+
+    def __init__(self, root: Path, remote: RemoteStore | None = None) -> None:
         self.root = root
+        self.remote = remote
+
+    def status(self, kind: str, key: str) -> str:
+        """`cached`, `shared` (in the remote store only) or `missing`, without building."""
+        name = f"{kind}-{key}"
+        if self._valid(self.root / name) is not None:
+            return "cached"
+        if self.remote is not None and self.remote.has(name):
+            return "shared"
+        return "missing"
 
     def _valid(self, path: Path) -> Entry | None:
         try:
@@ -97,12 +147,26 @@ class StageCache:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             try:
+                if self.remote is not None and self.remote.fetch(name, tmp):
+                    entry = self._valid(tmp)
+                    if entry is not None:
+                        self._install(tmp, final)
+                        log.info("[cache] %s fetched from the shared store", name)
+                        return Entry(final, entry.meta), True
+                    shutil.rmtree(tmp)
+                    tmp.mkdir()
                 meta = build(tmp)
                 files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
                 meta = {**meta, "key": key, "kind": kind, "files": files}
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-                shutil.rmtree(final, ignore_errors=True)
-                tmp.rename(final)
+                self._install(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+            if self.remote is not None:
+                self.remote.publish(name, final)
             return Entry(final, meta), False
+
+    @staticmethod
+    def _install(tmp: Path, final: Path) -> None:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)

@@ -126,8 +126,10 @@ class ModelConfig:
     # Keras' 0.99 leaves the inference statistics far from the batch statistics after the
     # few hundred steps of a short training (measured: 0.70 vs 0.90 on the training images).
     bn_momentum: float = 0.9
+    width: float = 1.0  # scales every layer's filters and units (a search dimension)
 
     def __post_init__(self) -> None:
+        _require(self.width > 0, "model.width", self.width, "must be > 0 (1.0 = as listed)")
         _require(len(self.filters) >= 1, "model.filters", self.filters, "needs >= 1 conv block")
         for key in ("filters", "dense_units"):
             values = getattr(self, key)
@@ -298,6 +300,8 @@ class TrackingConfig:
     # For experiments fallopt creates; default: `artifacts/` beside a SQLite database.
     artifact_location: str | None = None
     run_name: str | None = None
+    # Publish trained stages as MLflow artifacts so workers without a shared disk reuse them.
+    share_stages: bool = False
 
     def __post_init__(self) -> None:
         _require(bool(self.uri.strip()), "tracking.uri", self.uri, "must not be empty")
@@ -315,6 +319,33 @@ class FalloptConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
+    # How to run, not what: excluded from the config hash (see EXECUTION_KEYS).
+    force: bool = False  # rerun even if this config already FINISHED in the experiment
+    dry_run: bool = False  # list what would run and which stages it would reuse; no training
+    keep_going: bool = True  # in a sweep, a failed job does not stop the others
+    threads: int = 0  # TensorFlow and LiteRT threads per job; 0 = cores / parallel jobs
+    # Metrics a sweeper optimises, returned by each job; 2 make a Pareto front.
+    objectives: list[str] = field(default_factory=lambda: ["val_accuracy"])
+
+    def __post_init__(self) -> None:
+        _require(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = automatic)")
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        _require(not unknown and bool(self.objectives), "objectives", self.objectives,
+                 f"choose from {sorted(OBJECTIVES)}")  # fmt: skip
+
+
+# Metrics a job can return to a sweeper, and whether larger is better.
+OBJECTIVES: dict[str, bool] = {
+    "val_accuracy": True,
+    "test_accuracy": True,
+    "tflite_test_accuracy": True,
+    "tflite_test_fall_recall": True,
+    "tflite_gzip_bytes": False,
+    "tflite_latency_ms": False,
+    "keras_gzip_bytes": False,
+}
+# Keys that say how to run rather than what: they do not change a run's identity.
+EXECUTION_KEYS = ("tracking", "force", "dry_run", "keep_going", "threads", "objectives")
 
 
 DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {
@@ -369,8 +400,11 @@ def resolved_dict(cfg: DictConfig) -> dict[str, Any]:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """A short hash of everything that determines a run's results (tracking excluded)."""
-    content = {k: v for k, v in resolved_dict(cfg).items() if k != "tracking"}
+    """A short hash of everything that determines a run's results (EXECUTION_KEYS excluded).
+
+    It is the run's identity: a sweep skips configs already FINISHED under the same hash.
+    """
+    content = {k: v for k, v in resolved_dict(cfg).items() if k not in EXECUTION_KEYS}
     blob = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

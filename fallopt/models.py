@@ -41,6 +41,10 @@ def feature_map_sizes(cfg: ModelConfig, input_shape: tuple[int, int, int]) -> li
     return sizes
 
 
+def _scaled(widths: list[int], factor: float) -> list[int]:
+    return [max(1, round(w * factor)) for w in widths]
+
+
 def build_model(
     cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int
 ) -> tf_keras.Model:
@@ -49,7 +53,7 @@ def build_model(
     k = keras()
     layers = k.layers
     stack: list[tf_keras.layers.Layer] = [layers.InputLayer(input_shape=input_shape, name="input")]
-    for i, filters in enumerate(cfg.filters, start=1):
+    for i, filters in enumerate(_scaled(cfg.filters, cfg.width), start=1):
         conv_activation = "relu" if cfg.block_order is not BlockOrder.conv_bn_relu else None
         stack.append(
             layers.Conv2D(filters, cfg.kernel_size, activation=conv_activation, name=f"conv{i}")
@@ -63,7 +67,7 @@ def build_model(
             ]
         stack.append(layers.MaxPooling2D(cfg.pool_size, name=f"pool{i}"))
     stack.append(layers.Flatten(name="flatten"))
-    for i, units in enumerate(cfg.dense_units, start=1):
+    for i, units in enumerate(_scaled(cfg.dense_units, cfg.width), start=1):
         stack.append(layers.Dense(units, activation="relu", name=f"dense{i}"))
     stack.append(layers.Dense(num_classes, activation="softmax", name="output"))
     return k.Sequential(stack, name=cfg.name)

@@ -1,7 +1,8 @@
 """`python -m fallopt.run`: one Hydra job is one tracked run; `-m` sweeps.
 
 Exit codes: 0 done; 1 unexpected error (Hydra prints it; HYDRA_FULL_ERROR=1 for the full
-trace); 2 bad config, data or tracking store (one line naming the culprit and the fix).
+trace); 2 bad config, data or tracking store (one line naming the culprit and the fix);
+3 a sweep whose jobs did not all finish (its summary lists them).
 """
 
 from __future__ import annotations
@@ -12,41 +13,37 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fallopt import config
-from fallopt.errors import FalloptError
+from fallopt.errors import EXIT_USER_ERROR, FalloptError
 
 log = logging.getLogger("fallopt")
 
-EXIT_USER_ERROR = 2
+
+# conf/ beside the package, by absolute path: Hydra resolves a relative one against the
+# calling module, which fails when main is called as `fallopt` or from another module.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Validate the composed config, then run it; returns validation accuracy for sweepers."""
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | list[float] | None:
+    """Validate the composed config and run it; returns `objectives` (None if it failed)."""
     try:
-        settings = config.validate(cfg)
-        from fallopt.task import run_experiment  # TensorFlow and MLflow load only now
+        try:
+            settings = config.validate(cfg)
+        except FalloptError as e:  # in a sweep, one bad combination need not stop the rest
+            from fallopt.job import invalid_job
 
-        hydra_cfg = HydraConfig.get()
-        output_dir = Path(hydra_cfg.runtime.output_dir)
-        # Named by what differs: MLflow's random names repeat once `random` is seeded.
-        overrides = " ".join(o for o in hydra_cfg.overrides.task if "tracking." not in o)
-        settings.tracking.run_name = settings.tracking.run_name or overrides or None
-        resolved = config.resolved_dict(cfg)
-        from fallopt.sweep import parent_run_id
+            return invalid_job(cfg, e)
+        from fallopt.job import run_job  # MLflow loads only now, TensorFlow only if training
 
-        metrics = run_experiment(
-            settings, resolved, config.config_hash(cfg), output_dir, parent_run_id()
-        )
+        return run_job(settings, cfg)
     except FalloptError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("%s", e)
         sys.exit(EXIT_USER_ERROR)
-    return metrics["val_accuracy"]
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fallopt.cache import Entry, StageCache, stage_key
+from fallopt.cache import Entry, StageCache, baseline_key, pruned_key
 from fallopt.compress.prune import overall_sparsity, prune_and_fine_tune
 from fallopt.compress.quantize import convert
 from fallopt.compress.schedule import Schedule
 from fallopt.config import ModelConfig, PruneConfig, QuantMode, TrainConfig
-from fallopt.data import Dataset, default_cache_dir
+from fallopt.data import Dataset
 from fallopt.evaluate import evaluate_keras
 from fallopt.models import build_model
 from fallopt.size import nonzero_params, save_model
@@ -27,11 +27,6 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
 REFERENCE_TFLITE = "float32.tflite"  # the baseline as float32 TFLite: the reference for ratios
-
-
-def stage_cache() -> StageCache:
-    """The stage cache under `$FALLOPT_CACHE` (default `~/.cache/fallopt`)."""
-    return StageCache(default_cache_dir() / "stages")
 
 
 @dataclass(frozen=True)
@@ -76,16 +71,7 @@ def baseline(
     Besides the model: its test metrics, non-zero parameter count and float32 TFLite file,
     computed once per baseline rather than once per run.
     """
-    key = stage_key(
-        "baseline",
-        {
-            "data": data.fingerprint(),
-            "classes": data.class_names,
-            "model": resolved["model"],
-            "train": resolved["train"],
-            "seed": seed,
-        },
-    )
+    key = baseline_key(data.fingerprint(), list(data.class_names), resolved, seed)
 
     def build(out: Path) -> dict[str, Any]:
         seed_everything(seed)
@@ -118,15 +104,7 @@ def pruned(
     on_epoch_end: EpochHook | None = None,
 ) -> StageResult:
     """Prune and fine-tune the baseline (or reuse the result); sparsity is verified inside."""
-    key = stage_key(
-        "pruned",
-        {
-            "baseline": base.entry.meta["key"],
-            "prune": resolved["prune"],
-            "train": resolved["train"],
-            "seed": seed,
-        },
-    )
+    key = pruned_key(base.entry.meta["key"], resolved, seed)
 
     def build(out: Path) -> dict[str, Any]:
         seed_everything(seed)

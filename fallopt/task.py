@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 import fallopt
 from fallopt import stages, track
 from fallopt.backend import keras
+from fallopt.cache import StageCache
 from fallopt.compress.prune import select_layers
 from fallopt.compress.quantize import (
     AWARE,
@@ -32,6 +33,7 @@ from fallopt.litert import TFLiteModel, host_cpu
 from fallopt.models import build_model
 from fallopt.plots import confusion_matrix_png, training_curves_png
 from fallopt.size import file_size, nonzero_params
+from fallopt.stage_store import stage_cache
 from fallopt.train import steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -96,10 +98,10 @@ def _size_metrics(base: stages.StageResult, final: stages.StageResult, model: An
 
 
 def _baseline(
-    cfg: FalloptConfig, data: Dataset, resolved: dict[str, Any]
+    cfg: FalloptConfig, cache: StageCache, data: Dataset, resolved: dict[str, Any]
 ) -> tuple[stages.StageResult, dict[str, float]]:
     base = stages.baseline(
-        stages.stage_cache(), data, cfg.model, cfg.train, cfg.seed, resolved, track.epoch_logger(1)
+        cache, data, cfg.model, cfg.train, cfg.seed, resolved, track.epoch_logger(1)
     )
     if base.reused:  # streamed while training; replayed so every run shows its curves
         track.log_history(base.history, first_step=1)
@@ -125,6 +127,7 @@ def _baseline(
 
 def _prune(
     cfg: FalloptConfig,
+    cache: StageCache,
     data: Dataset,
     base: stages.StageResult,
     schedule: Schedule,
@@ -133,7 +136,7 @@ def _prune(
 ) -> tuple[stages.StageResult, dict[str, float]]:
     first = cfg.train.epochs + 1  # fine-tune epochs continue the run's epoch count
     pruned = stages.pruned(
-        stages.stage_cache(), data, base, cfg.prune, schedule, cfg.train, cfg.seed, resolved,
+        cache, data, base, cfg.prune, schedule, cfg.train, cfg.seed, resolved,
         track.epoch_logger(first),
     )  # fmt: skip
     if pruned.reused:
@@ -312,10 +315,11 @@ def run_experiment(
         track.log_artifacts([config_file])
         counts = {"n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test)}
 
-        base, summary = _baseline(cfg, data, resolved)
+        cache = stage_cache(cfg.tracking)
+        base, summary = _baseline(cfg, cache, data, resolved)
         final, history, fine_tune_from = base, base.history, None
         if schedule is not None:
-            final, prune_metrics = _prune(cfg, data, base, schedule, resolved, output_dir)
+            final, prune_metrics = _prune(cfg, cache, data, base, schedule, resolved, output_dir)
             summary.update(prune_metrics)
             history = {k: base.history[k] + final.history[k] for k in base.history}
             fine_tune_from = cfg.train.epochs + 1

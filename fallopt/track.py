@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from fallopt.config import TrackingConfig
@@ -30,12 +33,31 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len(_SQLITE) :]) if uri.startswith(_SQLITE) else None
 
 
-def connect(cfg: TrackingConfig) -> str:
-    """Point MLflow at `cfg.uri` and return the id of `cfg.experiment`, creating both if needed.
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast on a tracking server that does not answer.
 
-    A new experiment's artifacts go to `cfg.artifact_location`, by default `artifacts/` beside
-    a SQLite database, so the whole store lives under one folder.
+    MLflow's own client retries with backoff for minutes before giving up.
     """
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # it answered
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingError(
+            f"tracking.uri={uri}: no tracking server answers ({reason}). Start it (README: "
+            "Scaling up) or point tracking.uri / MLFLOW_TRACKING_URI at one that runs"
+        ) from None
+
+
+def connect(cfg: TrackingConfig, experiment: str | None = None) -> str:
+    """Point MLflow at `cfg.uri` and return the id of an experiment, creating both if needed.
+
+    The experiment is `cfg.experiment` unless named. A new experiment's artifacts go to
+    `cfg.artifact_location`, by default `artifacts/` beside a SQLite database, so the whole
+    store lives under one folder.
+    """
+    name = experiment or cfg.experiment
     artifact_location = cfg.artifact_location
     db = sqlite_path(cfg.uri)
     if db is not None:
@@ -44,23 +66,40 @@ def connect(cfg: TrackingConfig) -> str:
         except OSError as e:
             raise TrackingError(f"tracking.uri={cfg.uri}: cannot create {db.parent}: {e}") from None
         artifact_location = artifact_location or (db.parent / "artifacts").resolve().as_uri()
+    if artifact_location and experiment:
+        artifact_location = f"{artifact_location.rstrip('/')}/{experiment}"
+    if cfg.uri.startswith(("http://", "https://")):
+        check_reachable(cfg.uri)
     mlflow.set_tracking_uri(cfg.uri)
     try:
-        experiment = mlflow.get_experiment_by_name(cfg.experiment)
-        if experiment is not None:
-            return experiment.experiment_id
+        found = mlflow.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
         try:
-            return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location)
+            return mlflow.create_experiment(name, artifact_location=artifact_location)
         except MlflowException:  # created meanwhile by a parallel job
-            experiment = mlflow.get_experiment_by_name(cfg.experiment)
-            if experiment is None:
+            found = mlflow.get_experiment_by_name(name)
+            if found is None:
                 raise
-            return experiment.experiment_id
+            return found.experiment_id
     except MlflowException as e:
         raise TrackingError(
-            f"tracking.uri={cfg.uri}: cannot open experiment {cfg.experiment!r}: {e.message}. "
+            f"tracking.uri={cfg.uri}: cannot open experiment {name!r}: {e.message}. "
             "Check the URI (or start the tracking server) and that the store is writable"
         ) from None
+
+
+def find_runs(experiment_id: str, tags: dict[str, str], status: str | None = None) -> list[Run]:
+    """Runs of the experiment carrying all `tags` (and `status`), newest first."""
+    clauses = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    return mlflow.search_runs(
+        [experiment_id],
+        filter_string=" and ".join(clauses),
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
 
 
 @contextmanager

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 import fallopt  # noqa: F401  (sets TF_USE_LEGACY_KERAS before any test imports TensorFlow)
@@ -82,3 +87,72 @@ def cauca_dict(n: int = 40, size: int = 16, seed: int = 0, **changes: object) ->
     }
     payload.update(changes)
     return payload
+
+
+@dataclass
+class Sweep:
+    """A finished `python -m fallopt.run -m` subprocess and what it tracked."""
+
+    proc: subprocess.CompletedProcess | None
+    client: MlflowClient
+    experiment_id: str
+    parent: Run | None
+    children: list[Run]
+
+    @property
+    def output(self) -> str:
+        """stdout and stderr together (Hydra logs to both)."""
+        return self.proc.stdout + self.proc.stderr
+
+    def runs(self, status: str | None = None) -> list[Run]:
+        """Every fallopt run (not parents or stages) in the experiment, optionally by status."""
+        runs = self.client.search_runs([self.experiment_id], max_results=1000)
+        runs = [r for r in runs if "fallopt.config_hash" in r.data.tags]
+        return [r for r in runs if status is None or r.info.status == status]
+
+
+def multirun(
+    tmp_path: Path,
+    *overrides: str,
+    uri: str | None = None,
+    name: str = "sweep",
+    returncode: int = 0,
+    env: dict[str, str] | None = None,
+) -> Sweep:
+    """Run `python -m fallopt.run -m` on tiny data into `tmp_path/name`; check its exit code.
+
+    The sweep's parent run is found by its directory, so several sweeps may share a store.
+    """
+    uri = uri or f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    sweep_dir = tmp_path / name
+    args = [*overrides, *TINY, f"tracking.uri={uri}", f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fallopt.run", "-m", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "FALLOPT_CACHE": str(tmp_path / "cache"), **(env or {})},
+    )
+    assert proc.returncode == returncode, (proc.stdout + proc.stderr)[-4000:]
+    return tracked(uri, sweep_dir, proc)
+
+
+def tracked(uri: str, sweep_dir: Path, proc: subprocess.CompletedProcess | None = None) -> Sweep:
+    """What the sweep into `sweep_dir` left in the store at `uri`."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("fallopt")
+    if experiment is None:
+        return Sweep(proc, client, "", None, [])
+    parents = client.search_runs(
+        [experiment.experiment_id], f"tags.`fallopt.sweep_dir` = '{sweep_dir}'"
+    )
+    parent = parents[0] if parents else None
+    children = []
+    if parent is not None:
+        children = client.search_runs(
+            [experiment.experiment_id],
+            f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+            max_results=1000,
+        )
+    return Sweep(proc, client, experiment.experiment_id, parent, children)

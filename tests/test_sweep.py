@@ -3,40 +3,16 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 from hydra import compose, initialize_config_dir
-from mlflow.tracking import MlflowClient
 
-from .conftest import CONF, REPO, TINY
-
-
-def _multirun(tmp_path, *overrides: str):
-    """Run `python -m fallopt.run -m` on tiny data; return the output, parent and children."""
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    args = [*overrides, *TINY, f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/sweep"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "fallopt.run", "-m", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "FALLOPT_CACHE": str(tmp_path / "cache")},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("fallopt").experiment_id
-    (parent,) = client.search_runs([experiment], "tags.`fallopt.role` = 'sweep'")
-    assert parent.info.status == "FINISHED"
-    children = client.search_runs(
-        [experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=100
-    )
-    return proc, client, parent, children
+from .conftest import CONF, Sweep, multirun
 
 
 def test_sparsity_sweep_records_parent_children_plots_and_trains_the_baseline_once(tmp_path):
-    proc, client, parent, children = _multirun(tmp_path, "prune.sparsity=0.1,0.5,0.8")
+    sweep = multirun(tmp_path, "prune.sparsity=0.1,0.5,0.8")
+    client, parent, children = sweep.client, sweep.parent, sweep.children
+    assert parent.info.status == "FINISHED"
     children.sort(key=lambda r: float(r.data.params["prune.sparsity"]))
     assert [r.info.status for r in children] == ["FINISHED"] * 3
 
@@ -59,7 +35,8 @@ def test_sparsity_sweep_records_parent_children_plots_and_trains_the_baseline_on
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"sweep.csv", "accuracy_vs_sparsity.png", "gzip_size_vs_sparsity.png"} <= artifacts
     assert parent.data.tags["fallopt.best_run_id"] in {r.info.run_id for r in children}
-    assert "[sweep] best by val_accuracy" in proc.stdout + proc.stderr
+    assert "[sweep] best by val_accuracy" in sweep.output
+    assert "[sweep] 3 finished, 0 reused (already FINISHED), 0 failed" in sweep.output
 
 
 def test_seed_lab_sweeps_the_labs_ten_sparsities_on_dense_layers():
@@ -71,11 +48,24 @@ def test_seed_lab_sweeps_the_labs_ten_sparsities_on_dense_layers():
     assert cfg.prune.fine_tune_epochs == 2
 
 
-def test_prune_by_quant_grid_trains_each_model_once(tmp_path):
-    grid = ["prune.sparsity=0.5,0.8", "quant=dynamic,int8", "quant.representative_samples=20"]
-    *_, children = _multirun(tmp_path, *grid)
+GRID = ["prune.sparsity=0.5,0.8", "quant=dynamic,int8", "quant.representative_samples=20"]
+
+
+def check_grid(sweep: Sweep) -> None:
+    """4 FINISHED children of one parent; 1 baseline and 2 prune trainings; no lock errors."""
+    assert sweep.parent.info.status == "FINISHED"
+    children = sweep.children
     assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
     tags = [r.data.tags for r in children]
     assert sorted(t["fallopt.stage.baseline"] for t in tags).count("trained") == 1
     assert sorted(t["fallopt.stage.prune"] for t in tags).count("trained") == 2
     assert sorted(t["fallopt.stage.quant"] for t in tags) == ["dynamic", "dynamic", "int8", "int8"]
+    assert "database is locked" not in sweep.output
+
+
+def test_prune_by_quant_grid_in_two_parallel_jobs_trains_each_model_once(tmp_path):
+    sweep = multirun(tmp_path, *GRID, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    check_grid(sweep)
+    # Two jobs share the cores: each caps TensorFlow's threads.
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert {r.data.tags["fallopt.threads"] for r in sweep.children} == {threads}

@@ -1,0 +1,276 @@
+"""One Hydra job's life in a run or a sweep: resume, dry-run, threads, keep-going, progress.
+
+A job is identified by its config hash (`config.config_hash`). Unless `force=true`, a job
+whose hash already FINISHED in the experiment is skipped and answers with that run's
+metrics, so re-running a sweep that died at job 37 redoes only what did not finish (FAILED,
+KILLED, or left RUNNING by a SIGKILL). `dry_run=true` prints what each job would do and
+imports no TensorFlow. In a sweep, each job records its outcome on the parent run as tag
+`fallopt.job.<num>` (the shared place every worker, on any machine, can write), from which
+the progress line and the sweep's summary are computed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from fallopt import track
+from fallopt.cache import baseline_key, pruned_key
+from fallopt.config import (
+    EXECUTION_KEYS,
+    FalloptConfig,
+    PruneMethod,
+    QuantMode,
+    TrackingConfig,
+    config_hash,
+)
+from fallopt.config import resolved_dict as to_resolved
+from fallopt.data import load_dataset
+from fallopt.errors import FalloptError
+from fallopt.stage_store import stage_cache
+
+log = logging.getLogger("fallopt")
+
+PARENT_ENV = "FALLOPT_PARENT_RUN_ID"
+TOTAL_ENV = "FALLOPT_SWEEP_TOTAL"
+START_ENV = "FALLOPT_SWEEP_START"
+JOB_TAG = "fallopt.job."
+SWEEP_DIR_TAG = "fallopt.sweep_dir"
+
+# Stages this process's dry-run jobs would build: later jobs of the sweep reuse them.
+_planned: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Job:
+    """Where a job sits: its number in the sweep (None for a single run) and its overrides."""
+
+    num: int | None
+    total: int | None
+    overrides: str
+    sweep_dir: str | None
+    parallel: int
+
+    @property
+    def label(self) -> str:
+        """`job 3/12` in a sweep, `run` alone."""
+        if self.num is None:
+            return "run"
+        return f"job {self.num + 1}/{self.total or '?'}"
+
+
+def current_job() -> Job:
+    """This job as Hydra launched it."""
+    hc = HydraConfig.get()
+    # Named by what differs in results: MLflow's random names repeat once `random` is seeded.
+    overrides = " ".join(o for o in hc.overrides.task if not _is_execution_key(o))
+    if hc.mode != RunMode.MULTIRUN:
+        return Job(None, None, overrides, None, 1)
+    total = os.environ.get(TOTAL_ENV)
+    return Job(
+        hc.job.num, int(total) if total else None, overrides, str(hc.sweep.dir), _parallel_jobs()
+    )
+
+
+def _is_execution_key(override: str) -> bool:
+    key = override.lstrip("+~").split("=", 1)[0]
+    return key.split(".", 1)[0] in EXECUTION_KEYS
+
+
+def _parallel_jobs() -> int:
+    """How many jobs the launcher runs at once on this machine."""
+    launcher = HydraConfig.get().launcher
+    target = str(launcher.get("_target_", ""))
+    cores = os.cpu_count() or 1
+    if "joblib" in target:
+        n = int(launcher.get("n_jobs", 1))
+        return cores if n < 0 else max(1, n)
+    if "ray" in target:  # each task holds `num_cpus` cores (Ray's default 1)
+        num_cpus = launcher.get("ray", {}).get("remote", {}).get("num_cpus", 1)
+        return max(1, cores // max(1, int(num_cpus)))
+    return 1
+
+
+def cap_threads(cfg: FalloptConfig, job: Job) -> int:
+    """Cap TensorFlow's and LiteRT's threads so parallel jobs do not oversubscribe the cores."""
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // job.parallel)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    from fallopt.backend import set_threads  # imports TensorFlow
+
+    set_threads(threads)
+    cfg.quant.threads = min(cfg.quant.threads, threads)
+    return threads
+
+
+def parent_run_id(job: Job, experiment_id: str) -> str | None:
+    """The sweep's parent run: from the environment, else found by the sweep's directory.
+
+    Workers started by the sweeping process inherit the environment; workers elsewhere (a
+    Ray cluster) look the parent up by its `fallopt.sweep_dir` tag, which every job of the
+    sweep resolves to the same string.
+    """
+    if job.num is None:
+        return None
+    parent = os.environ.get(PARENT_ENV)
+    if parent is None and job.sweep_dir:
+        tags = {"fallopt.role": "sweep", SWEEP_DIR_TAG: job.sweep_dir}
+        runs = track.find_runs(experiment_id, tags, status="RUNNING")
+        parent = runs[0].info.run_id if runs else None
+    return parent
+
+
+def objectives(names: list[str], metrics: dict[str, float]) -> float | list[float]:
+    """What the job returns to a sweeper: one float, or a list for multi-objective search."""
+    values = [float(metrics.get(name, math.nan)) for name in names]
+    return values[0] if len(values) == 1 else values
+
+
+def finished_run(experiment_id: str, digest: str) -> Run | None:
+    """The newest FINISHED run of this config hash in the experiment, if any."""
+    runs = track.find_runs(experiment_id, {"fallopt.config_hash": digest}, status="FINISHED")
+    return runs[0] if runs else None
+
+
+def record(parent: str | None, job: Job, outcome: str, run_id: str | None, error: str = "") -> None:
+    """Record the job's outcome on the sweep's parent run (a no-op outside sweeps)."""
+    if parent is None or job.num is None:
+        return
+    value = {"outcome": outcome, "run_id": run_id, "overrides": job.overrides, "error": error}
+    MlflowClient().set_tag(parent, f"{JOB_TAG}{job.num:05d}", json.dumps(value)[:5000])
+
+
+def job_outcomes(client: MlflowClient, parent: str) -> dict[int, dict[str, Any]]:
+    """Outcomes the jobs recorded on the parent, by job number."""
+    tags = client.get_run(parent).data.tags
+    return {int(k[len(JOB_TAG) :]): json.loads(v) for k, v in tags.items() if k.startswith(JOB_TAG)}
+
+
+def _progress(parent: str | None, job: Job, seconds: float) -> None:
+    if parent is None or job.total is None:
+        log.info("[%s] done in %.0f s", job.label, seconds)
+        return
+    done = len(job_outcomes(MlflowClient(), parent))
+    elapsed = time.time() - float(os.environ.get(START_ENV, time.time() - seconds))
+    left = elapsed / max(done, 1) * max(job.total - done, 0)
+    log.info(
+        "[%s] done in %.0f s; %d of %d jobs done, about %s left",
+        job.label,
+        seconds,
+        done,
+        job.total,
+        time.strftime("%H:%M:%S", time.gmtime(left)),
+    )
+
+
+def _go_on(job: Job, keep_going: bool, error: Exception) -> None:
+    """Re-raise a job's error, or in a sweep with keep_going, log it and answer None.
+
+    None, not NaN: Optuna's sweeper records a trial that returns None as FAIL, but crashes
+    on NaN.
+    """
+    if job.num is None or not keep_going:
+        raise error
+    log.error("[%s] FAILED: %s; the sweep goes on (keep_going=false stops it)", job.label, error)
+    if not isinstance(error, FalloptError):  # a bug, not bad input: keep the trace
+        log.error("[%s] traceback", job.label, exc_info=error)
+    return None
+
+
+def invalid_job(hydra_cfg: DictConfig, error: FalloptError) -> None:
+    """A job whose config failed validation: in a sweep with keep_going, record it and go on."""
+    job = current_job()
+    keep_going = bool(hydra_cfg.get("keep_going", True))
+    if job.num is not None and keep_going:
+        tracking = OmegaConf.to_object(hydra_cfg.tracking)
+        assert isinstance(tracking, TrackingConfig)
+        record(parent_run_id(job, track.connect(tracking)), job, "failed", None, str(error))
+    return _go_on(job, keep_going, error)
+
+
+def run_job(cfg: FalloptConfig, hydra_cfg: DictConfig) -> float | list[float] | None:
+    """Run one job: skip it if done, plan it if dry, else run the experiment and record it."""
+    job = current_job()
+    cfg.tracking.run_name = cfg.tracking.run_name or job.overrides or None
+    resolved, digest = to_resolved(hydra_cfg), config_hash(hydra_cfg)
+    experiment_id = track.connect(cfg.tracking)
+    done = None if cfg.force else finished_run(experiment_id, digest)
+    if cfg.dry_run:
+        dry_run(cfg, job, resolved, done)
+        return objectives(cfg.objectives, {})
+    parent = parent_run_id(job, experiment_id)
+    if done is not None:
+        log.info(
+            "[%s] %s: already FINISHED in run %s (config hash %s); skipped (force=true reruns)",
+            job.label, job.overrides or "defaults", done.info.run_id, digest,
+        )  # fmt: skip
+        record(parent, job, "reused", done.info.run_id)
+        return objectives(cfg.objectives, done.data.metrics)
+    log.info("[%s] %s", job.label, job.overrides or "defaults")
+    threads = cap_threads(cfg, job)
+    log.info("[%s] %d TensorFlow threads (%d parallel jobs)", job.label, threads, job.parallel)
+    from fallopt.task import run_experiment  # TensorFlow loads only now
+
+    start = time.time()
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        metrics = run_experiment(cfg, resolved, digest, output_dir, parent)
+    except Exception as e:
+        run = mlflow.last_active_run()
+        failed = (
+            run.info.run_id if run and run.data.tags.get("fallopt.config_hash") == digest else None
+        )
+        record(parent, job, "failed", failed, f"{type(e).__name__}: {e}")
+        if job.num is None or not cfg.keep_going:
+            raise
+        log.error("[%s] FAILED: %s; the sweep goes on (keep_going=false stops it)", job.label, e)
+        if not isinstance(e, FalloptError):
+            log.debug("traceback", exc_info=True)
+        return objectives(cfg.objectives, {})
+    run_id = mlflow.last_active_run().info.run_id
+    MlflowClient().set_tag(run_id, "fallopt.threads", str(threads))
+    record(parent, job, "finished", run_id)
+    _progress(parent, job, time.time() - start)
+    return objectives(cfg.objectives, metrics)
+
+
+def dry_run(cfg: FalloptConfig, job: Job, resolved: dict[str, Any], done: Run | None) -> None:
+    """Print what the job would do: skip (and why) or run, and which stages it would reuse.
+
+    Loads the data (to hash it, as the stage keys do) but imports no TensorFlow.
+    """
+    what = job.overrides or "defaults"
+    if done is not None:
+        log.info("[dry-run %s] %s: skip, FINISHED in run %s", job.label, what, done.info.run_id)
+        return
+    data = load_dataset(cfg.dataset, cfg.train.val_split, cfg.seed)
+    cache = stage_cache(cfg.tracking)
+    keys = {
+        "baseline": baseline_key(data.fingerprint(), list(data.class_names), resolved, cfg.seed)
+    }
+    if cfg.prune.method is not PruneMethod.none:
+        keys["pruned"] = pruned_key(keys["baseline"], resolved, cfg.seed)
+    plan = []
+    for kind, key in keys.items():
+        status = cache.status(kind, key)
+        if status == "missing":
+            status = "reuse (built by an earlier job)" if key in _planned else "train"
+            _planned.add(key)
+        else:
+            status = {"cached": "reuse (cached)", "shared": "reuse (shared store)"}[status]
+        plan.append(f"{kind} {status}")
+    if cfg.quant.mode in (QuantMode.qat, QuantMode.pqat):
+        plan.append(f"{cfg.quant.mode.value} fine-tune")
+    log.info("[dry-run %s] %s: run; %s", job.label, what, ", ".join(plan))

@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def _style(ax: plt.Axes, xlabel: str, ylabel: str, title: str) -> None:
+def style_axes(ax: plt.Axes, xlabel: str, ylabel: str, title: str) -> None:
+    """Label the axes (with units), title, grid and legend: every fallopt plot looks alike."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -21,7 +22,8 @@ def _style(ax: plt.Axes, xlabel: str, ylabel: str, title: str) -> None:
     ax.legend()
 
 
-def _write(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Write the figure as a PNG and free it."""
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -53,7 +55,7 @@ def confusion_matrix_png(
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title, fontsize=10, wrap=True)
-    return _write(fig, path)
+    return save_figure(fig, path)
 
 
 def training_curves_png(
@@ -70,8 +72,8 @@ def training_curves_png(
         if fine_tune_from is not None:
             ax.axvline(fine_tune_from - 0.5, color="grey", linestyle=":", label="fine-tune starts")
         ylabel = "cross-entropy loss" if metric == "loss" else "accuracy (fraction correct)"
-        _style(ax, "epoch", ylabel, f"{metric} per epoch")
-    return _write(fig, path)
+        style_axes(ax, "epoch", ylabel, f"{metric} per epoch")
+    return save_figure(fig, path)
 
 
 _SPARSITY_AXIS = "target sparsity (fraction of pruned weights set to zero)"
@@ -90,8 +92,8 @@ def sweep_plots(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         ("test_accuracy", "test", "^-."),
     ):
         ax.plot(x, table[column], style, label=label)
-    _style(ax, _SPARSITY_AXIS, "accuracy (fraction correct)", "accuracy against sparsity")
-    accuracy = _write(fig, out_dir / "accuracy_vs_sparsity.png")
+    style_axes(ax, _SPARSITY_AXIS, "accuracy (fraction correct)", "accuracy against sparsity")
+    accuracy = save_figure(fig, out_dir / "accuracy_vs_sparsity.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(x, table["keras_gzip_bytes"] / 1024, "o-", label="pruned model (gzipped .keras)")
@@ -100,6 +102,6 @@ def sweep_plots(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.axhline(baseline.iloc[0] / 1024, color="grey", linestyle=":", label="baseline")
     ax.set_ylim(bottom=0)
     title = "gzipped size against sparsity (model.keras, no optimizer state)"
-    _style(ax, _SPARSITY_AXIS, "gzipped model file (KiB)", title)
-    size = _write(fig, out_dir / "gzip_size_vs_sparsity.png")
+    style_axes(ax, _SPARSITY_AXIS, "gzipped model file (KiB)", title)
+    size = save_figure(fig, out_dir / "gzip_size_vs_sparsity.png")
     return [accuracy, size]

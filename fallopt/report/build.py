@@ -1,0 +1,104 @@
+"""Build a report: read the runs, find the Pareto fronts, draw, recommend, write HTML and MD."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from fallopt.pareto import pareto_mask
+from fallopt.report import figures, render
+from fallopt.report.runs import confusion, runs_table, sweep_runs
+from fallopt.report.select import Constraints, Recommendation, recommend
+
+log = logging.getLogger(__name__)
+
+MAX_MATRICES = 6  # confusion matrices shown side by side
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a report found and where it wrote it."""
+
+    table: pd.DataFrame  # one row per run; pareto_size / pareto_latency mark the fronts
+    recommendation: Recommendation
+    constraints: Constraints
+    figures: dict[str, Path]
+    html: Path
+    markdown: Path
+
+    @property
+    def pareto_runs(self) -> set[str]:
+        """Runs on the accuracy/size front."""
+        return set(self.table.loc[self.table["pareto_size"], "run_id"])
+
+
+def _front(table: pd.DataFrame, cost: str) -> pd.Series:
+    values = table[["test_accuracy", cost]].to_numpy(dtype=float)
+    return pd.Series(pareto_mask(values, [True, False]), index=table.index)
+
+
+def build_report(
+    client: MlflowClient,
+    experiment_id: str,
+    parent: str | None,
+    constraints: Constraints,
+    out_dir: Path,
+    title: str,
+) -> Report:
+    """Compare the FINISHED runs of a sweep (or of the experiment) and write the report.
+
+    Raises:
+        ValueError: when there is no finished run to compare.
+    """
+    table = runs_table(sweep_runs(client, experiment_id, parent))
+    if table.empty:
+        raise ValueError("no FINISHED fallopt run to compare")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table["pareto_size"] = _front(table, "size_kb")
+    table["pareto_latency"] = _front(table, "latency_ms")
+    table["label_model"] = table["model.name"] + " x" + table["model.width"].map("{:g}".format)
+    figs = {
+        "pareto_size": figures.pareto_png(
+            table, "size_kb", "gzipped .tflite (KiB)", table["pareto_size"],
+            out_dir / "pareto_accuracy_vs_size.png", "accuracy against size",
+        ),
+        "pareto_latency": figures.pareto_png(
+            table, "latency_ms", "latency on the host CPU (ms per image, 1 thread)",
+            table["pareto_latency"], out_dir / "pareto_accuracy_vs_latency.png",
+            "accuracy against latency",
+        ),
+        "accuracy_vs_sparsity": figures.per_mode_png(
+            table, "test_accuracy", "test accuracy of the .tflite (fraction correct)",
+            out_dir / "accuracy_vs_sparsity.png", "accuracy against sparsity, per mode",
+        ),
+        "size_vs_sparsity": figures.per_mode_png(
+            table, "size_kb", "gzipped .tflite (KiB)", out_dir / "size_vs_sparsity.png",
+            "size against sparsity, per mode",
+        ),
+    }  # fmt: skip
+    front = table[table["pareto_size"]].sort_values("size_kb").head(MAX_MATRICES)
+    with tempfile.TemporaryDirectory() as tmp:
+        matrices = {
+            f"{row['label']}\nacc {row['test_accuracy']:.3f}, {row['size_kb']:.0f} KiB": confusion(
+                client, row["run_id"], Path(tmp) / row["run_id"]
+            )
+            for _, row in front.iterrows()
+        }
+    classes = table["classes"].iloc[0].split(",")
+    figs["confusion"] = figures.confusion_grid_png(
+        matrices, classes, out_dir / "pareto_confusion_matrices.png"
+    )
+    choice = recommend(table, constraints)
+    report = Report(
+        table, choice, constraints, figs, out_dir / "report.html", out_dir / "report.md"
+    )
+    render.write_html(report, title)
+    render.write_markdown(report, title)
+    log.info("[report] %d runs, %d Pareto-optimal (accuracy vs size)", len(table),
+             int(table["pareto_size"].sum()))  # fmt: skip
+    return report

@@ -1,0 +1,38 @@
+"""Where a report goes besides disk: the sweep's parent run and the model registry."""
+
+from __future__ import annotations
+
+import logging
+
+from mlflow.tracking import MlflowClient
+
+from fallopt.report.build import Report
+
+log = logging.getLogger("fallopt.report")
+
+
+def publish(client: MlflowClient, parent: str, report: Report) -> None:
+    """Log the report's files to the sweep's parent run under `report/`."""
+    client.log_artifacts(parent, str(report.html.parent), "report")
+    if report.recommendation.run_id:
+        client.set_tag(parent, "fallopt.recommended_run_id", report.recommendation.run_id)
+    log.info("[report] logged to run %s under report/", parent)
+
+
+def register(client: MlflowClient, name: str, run_id: str) -> tuple[str, str]:
+    """Register the run's .tflite as model `name` and its Keras model as `name`-keras.
+
+    Returns the two new version numbers.
+    """
+    artifacts = client.get_run(run_id).info.artifact_uri.rstrip("/")
+    versions = []
+    for model, path in ((name, "model.tflite"), (f"{name}-keras", "model/model.keras")):
+        if not client.search_registered_models(f"name = '{model}'"):
+            client.create_registered_model(model, description="registered by fallopt.report")
+        version = client.create_model_version(
+            model, source=f"{artifacts}/{path}", run_id=run_id, tags={"file": path}
+        )
+        versions.append(version.version)
+        log.info("[report] registered %s version %s: run %s, %s", model, version.version,
+                 run_id, path)  # fmt: skip
+    return versions[0], versions[1]

@@ -1,0 +1,104 @@
+"""The report as a self-contained HTML page (images inlined, sortable table) and Markdown."""
+
+from __future__ import annotations
+
+import base64
+import html
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+if TYPE_CHECKING:
+    from fallopt.report.build import Report
+
+# Table column -> (header, format). Sizes and ratios are the .tflite file's.
+COLUMNS: dict[str, tuple[str, str]] = {
+    "label": ("model · pruning · quantization", "{}"),
+    "test_accuracy": ("test accuracy", "{:.3f}"),
+    "fall_recall": ("fall recall", "{:.3f}"),
+    "false_alarm_rate": ("false-alarm rate", "{:.3f}"),
+    "size_kb": ("gzipped .tflite (KiB)", "{:.1f}"),
+    "compression": ("smaller than float32 baseline (×)", "{:.2f}"),
+    "latency_ms": ("latency (ms/image)", "{:.2f}"),
+    "disagreement": ("Keras vs TFLite disagreement", "{:.1%}"),
+    "pareto_size": ("Pareto (size)", "{}"),
+    "pareto_latency": ("Pareto (latency)", "{}"),
+    "run_id": ("MLflow run", "{}"),
+}
+
+_SORT_JS = """
+document.querySelectorAll('th').forEach((th, col) => th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0];
+  const asc = th.dataset.asc !== 'true'; th.dataset.asc = asc;
+  const key = r => { const v = r.cells[col].dataset.v; const n = parseFloat(v);
+                     return isNaN(n) ? v : n; };
+  [...body.rows].sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (asc ? 1 : -1))
+    .forEach(r => body.appendChild(r));
+}));
+"""
+_CSS = """
+body { font-family: sans-serif; margin: 2em; max-width: 1400px; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+th { cursor: pointer; background: #f3f3f3; } td:first-child { text-align: left; }
+tr.pareto { background: #eaf2fb; } .rec { background: #e8f5e9; padding: 1em; }
+img { max-width: 100%; } .figs { display: grid; grid-template-columns: 1fr 1fr; gap: 1em; }
+"""
+
+
+def _cell(column: str, value: object) -> str:
+    if isinstance(value, float) and pd.isna(value):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    return COLUMNS[column][1].format(value)
+
+
+def _img(path: object, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()  # type: ignore[attr-defined]
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def write_html(report: Report, title: str) -> None:
+    """One file with everything inlined: it opens offline and can be mailed."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h, _ in COLUMNS.values())
+    rows = []
+    for _, row in report.table.iterrows():
+        cells = "".join(
+            f'<td data-v="{html.escape(str(row[c]))}">{html.escape(_cell(c, row[c]))}</td>'
+            for c in COLUMNS
+        )
+        rows.append(f'<tr class="{"pareto" if row["pareto_size"] else ""}">{cells}</tr>')
+    f = report.figures
+    constraints = html.escape(report.constraints.describe())
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<div class="rec" id="recommendation"><b>Constraints:</b> {constraints}
+<p>{html.escape(report.recommendation.message)}</p></div>
+<h2>Pareto fronts</h2><div class="figs" id="pareto">
+{_img(f["pareto_size"], "Pareto front: accuracy against gzipped size")}
+{_img(f["pareto_latency"], "Pareto front: accuracy against latency")}</div>
+<h2>Against sparsity, per quantization mode</h2><div class="figs">
+{_img(f["accuracy_vs_sparsity"], "accuracy against sparsity")}
+{_img(f["size_vs_sparsity"], "size against sparsity")}</div>
+<h2>Confusion matrices of the Pareto-optimal runs (accuracy vs size)</h2>
+{_img(f["confusion"], "confusion matrices")}
+<h2>All runs ({len(report.table)}; click a header to sort)</h2>
+<table id="runs"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>
+<p>Accuracy, recall, sizes and latency are those of each run's .tflite file as evaluated by
+LiteRT on the test set; latency is on the host CPU, not the device.</p>
+<script>{_SORT_JS}</script></body></html>
+"""
+    report.html.write_text(page)
+
+
+def write_markdown(report: Report, title: str) -> None:
+    """A summary for a pull request or a lab report: recommendation, table, figure files."""
+    lines = [f"# {title}", "", f"Constraints: {report.constraints.describe()}", "",
+             report.recommendation.message, "", "| " + " | ".join(h for h, _ in
+             COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]  # fmt: skip
+    for _, row in report.table.iterrows():
+        lines.append("| " + " | ".join(_cell(c, row[c]) for c in COLUMNS) + " |")
+    lines += ["", *[f"![{name}]({path.name})" for name, path in report.figures.items()], ""]
+    report.markdown.write_text("\n".join(lines))

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,3 +160,38 @@ def tracked(uri: str, sweep_dir: Path, proc: subprocess.CompletedProcess | None 
             max_results=1000,
         )
     return Sweep(proc, client, experiment.experiment_id, parent, children)
+
+
+@contextmanager
+def mlflow_service(command: list[str], log: Path) -> Iterator[str]:
+    """`mlflow <command>` (ui or server) on a free loopback port; yields its URL once healthy."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with log.open("w") as err:
+        args = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            *command,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(f"{url}/health", timeout=2)
+                    break
+                except OSError:
+                    if time.time() > deadline or server.poll() is not None:
+                        pytest.fail(f"mlflow {command[0]} did not start: {log.read_text()[-2000:]}")
+                    time.sleep(0.5)
+            yield url
+        finally:
+            server.terminate()
+            server.wait(30)

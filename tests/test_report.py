@@ -7,8 +7,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -21,7 +19,7 @@ from PIL import Image
 from fallopt.report.__main__ import EXIT_NO_MODEL, main
 from fallopt.report.select import Constraints, recommend
 
-from .conftest import REPO, Sweep, multirun
+from .conftest import REPO, Sweep, mlflow_service, multirun
 
 ARTIFACTS = Path(os.environ.get("FALLOPT_TEST_ARTIFACTS", REPO / "test-artifacts"))
 
@@ -166,26 +164,8 @@ def _not_blank(png: Path) -> bool:
 @pytest.fixture(scope="module")
 def mlflow_ui(study):
     tmp, _ = study
-    port = 5000 + os.getpid() % 1000
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", _uri(tmp),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, "mlflow ui did not start"
-                time.sleep(0.5)
+    with mlflow_service(["ui", "--backend-store-uri", _uri(tmp)], tmp / "ui.log") as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 @pytest.mark.slow

@@ -8,11 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -26,7 +21,7 @@ from fallopt.pareto import pareto_mask
 from fallopt.stage_store import MlflowStageStore
 from fallopt.sweep import sweep_size
 
-from .conftest import CONF, multirun
+from .conftest import CONF, mlflow_service, multirun
 from .test_sweep import GRID, check_grid
 
 
@@ -114,24 +109,6 @@ def test_stages_are_shared_through_mlflow_between_machines_without_a_common_disk
 POSTGRES_ENV = "FALLOPT_TEST_POSTGRES"  # e.g. postgresql://fallopt:fallopt@127.0.0.1:5432/postgres
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_up(uri: str, server: subprocess.Popen, log: Path) -> None:
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            return
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                pytest.fail(f"mlflow server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """`mlflow server` on loopback backed by a fresh PostgreSQL database; yields its URI."""
@@ -144,24 +121,16 @@ def mlflow_server(tmp_path):
 
     name = f"fallopt_test_{uuid.uuid4().hex[:8]}"
     conn = psycopg.connect(admin, autocommit=True)
-    conn.cursor().execute(f"CREATE DATABASE {name}")
-    port, log = _free_port(), tmp_path / "server.log"
-    uri = f"http://127.0.0.1:{port}"
-    with log.open("w") as err:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"{admin.rsplit('/', 1)[0]}/{name}",
-             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=err,
-        )  # fmt: skip
-        try:
-            _wait_until_up(uri, server, log)
+    conn.execute(f"CREATE DATABASE {name}")
+    backend = f"{admin.rsplit('/', 1)[0]}/{name}"
+    command = ["server", "--backend-store-uri", backend, "--workers", "1",
+               "--artifacts-destination", str(tmp_path / "server-artifacts")]  # fmt: skip
+    try:
+        with mlflow_service(command, tmp_path / "server.log") as uri:
             yield uri
-        finally:
-            server.terminate()
-            server.wait(30)
-            conn.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            conn.close()
+    finally:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.close()
 
 
 @pytest.mark.slow

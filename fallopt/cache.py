@@ -143,8 +143,9 @@ class StageCache:
             entry = self._valid(final)
             if entry is not None:
                 return entry, True
+            for stale in self.root.glob(f".{name}.*.tmp"):  # left by a killed builder
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = self.root / f".{name}.{os.getpid()}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             try:
                 if self.remote is not None and self.remote.fetch(name, tmp):

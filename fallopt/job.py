@@ -210,6 +210,8 @@ def run_job(cfg: FalloptConfig, hydra_cfg: DictConfig) -> float | list[float] | 
     if cfg.dry_run:
         dry_run(cfg, job, resolved, done)
         return objectives(cfg.objectives, {})
+    for run_id in track.reap_dead_runs(experiment_id, {"fallopt.config_hash": digest}):
+        log.info("[%s] run %s was left RUNNING by a dead process: now KILLED", job.label, run_id)
     parent = parent_run_id(job, experiment_id)
     if done is not None:
         log.info(

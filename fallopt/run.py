@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from fallopt import config
@@ -32,8 +34,10 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     try:
         try:
             settings = config.validate(cfg)
-        except FalloptError as e:  # in a sweep, one bad combination need not stop the rest
-            from fallopt.job import invalid_job
+        except FalloptError as e:
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                raise
+            from fallopt.job import invalid_job  # one bad combination need not stop a sweep
 
             return invalid_job(cfg, e)
         from fallopt.job import run_job  # MLflow loads only now, TensorFlow only if training

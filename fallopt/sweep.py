@@ -175,8 +175,11 @@ class SweepRecord(Callback):
         self._out_dir = Path(config.hydra.sweep.dir)
         self._objectives = list(config.objectives)
         overrides = " ".join(config.hydra.overrides.task)
+        for run_id in track.reap_dead_runs(experiment_id, {"fallopt.role": "sweep"}):
+            log.info("[sweep] sweep %s was left RUNNING by a killed process: marked KILLED", run_id)
         tags = {"fallopt.role": "sweep", SWEEP_DIR_TAG: str(config.hydra.sweep.dir)}
         tags["fallopt.sweep_path"] = str(self._out_dir.resolve())
+        tags.update(track.owner_tags())
         run = self._client.create_run(experiment_id, run_name=f"sweep {overrides}"[:250], tags=tags)
         self._parent = run.info.run_id
         os.environ[PARENT_ENV] = self._parent

@@ -304,6 +304,7 @@ def run_experiment(
         "fallopt.model": cfg.model.name,
         "fallopt.classes": ",".join(data.class_names),
         "fallopt.size_file": f"{SIZE_FILE}: final model, pruning stripped, no optimizer state",
+        **track.owner_tags(),
     }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -100,6 +102,40 @@ def find_runs(experiment_id: str, tags: dict[str, str], status: str | None = Non
         order_by=["attributes.start_time DESC"],
         output_format="list",
     )
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process writes a run: lets a later process tell a dead writer from a live one."""
+    return {"fallopt.host": socket.gethostname(), "fallopt.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def reap_dead_runs(experiment_id: str, tags: dict[str, str]) -> list[str]:
+    """Mark KILLED the RUNNING runs with `tags` whose writer, on this host, has died.
+
+    A SIGKILLed process cannot end its run; this is how it stops showing as RUNNING. Runs
+    written from other hosts are left alone: their writers cannot be checked from here.
+    """
+    reaped = []
+    for run in find_runs(experiment_id, tags, status="RUNNING"):
+        t = run.data.tags
+        if t.get("fallopt.host") != socket.gethostname() or not t.get("fallopt.pid", "").isdigit():
+            continue
+        if not _alive(int(t["fallopt.pid"])):
+            client = mlflow.MlflowClient()
+            client.set_tag(run.info.run_id, "fallopt.error", "its process died (killed)")
+            client.set_terminated(run.info.run_id, "KILLED")
+            reaped.append(run.info.run_id)
+    return reaped
 
 
 @contextmanager

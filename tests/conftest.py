@@ -195,3 +195,14 @@ def mlflow_service(command: list[str], log: Path) -> Iterator[str]:
         finally:
             server.terminate()
             server.wait(30)
+
+
+# A prune x quant grid: 4 jobs sharing 1 baseline and 2 pruned models.
+GRID = ["prune.sparsity=0.5,0.8", "quant=dynamic,int8", "quant.representative_samples=20"]
+
+
+@pytest.fixture(scope="session")
+def grid_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Sweep]:
+    """GRID in two parallel jobs (joblib), run once and shared by the sweep and report tests."""
+    tmp = tmp_path_factory.mktemp("grid")
+    return tmp, multirun(tmp, *GRID, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")

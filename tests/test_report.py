@@ -19,7 +19,7 @@ from PIL import Image
 from fallopt.report.__main__ import EXIT_NO_MODEL, main
 from fallopt.report.select import Constraints, recommend
 
-from .conftest import REPO, Sweep, mlflow_service, multirun
+from .conftest import REPO, Sweep, mlflow_service
 
 ARTIFACTS = Path(os.environ.get("FALLOPT_TEST_ARTIFACTS", REPO / "test-artifacts"))
 
@@ -30,11 +30,9 @@ def _info_logs(caplog):
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> tuple[Path, Sweep]:
-    """A tracked sweep of 4 tiny runs: 2 sparsities x 2 quantization modes."""
-    tmp = tmp_path_factory.mktemp("study")
-    grid = ["prune.sparsity=0.0,0.8", "quant=none,int8", "quant.representative_samples=20"]
-    return tmp, multirun(tmp, *grid)
+def study(grid_sweep) -> tuple[Path, Sweep]:
+    """The shared tracked sweep of 4 tiny runs: 2 sparsities x 2 quantization modes."""
+    return grid_sweep
 
 
 def _uri(tmp: Path) -> str:

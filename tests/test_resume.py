@@ -63,9 +63,13 @@ def test_a_sweep_killed_after_its_first_job_resumes_and_runs_only_the_rest(tmp_p
     after = _finished_once_per_config(resumed.runs("FINISHED"))
     assert len(after) == 2 and after.items() >= before.items()
     assert len(resumed.children) == 1  # only the rest ran
-    # Nothing the kill interrupted counts as done: it stays RUNNING (or KILLED), never FINISHED.
-    assert all(r.info.status != "FINISHED" for r in resumed.runs() if r.info.run_id not in
-               after.values())  # fmt: skip
+    # What the kill interrupted never counts as done, and no longer shows as RUNNING: its
+    # process is dead, so the resume marked it KILLED (the old parent too).
+    interrupted = [r for r in resumed.runs() if r.info.run_id not in after.values()]
+    assert {r.info.status for r in interrupted} <= {"KILLED"}
+    old_parent = resumed.client.get_run(killed.parent.info.run_id)
+    assert old_parent.info.status == "KILLED"
+    assert not list((tmp_path / "cache" / "stages").glob(".*.tmp"))
 
     forced = multirun(tmp_path, "prune.sparsity=0.3", "force=true", name="forced")
     assert len(forced.children) == 1 and forced.children[0].info.run_id != before.get(

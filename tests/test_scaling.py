@@ -21,8 +21,8 @@ from fallopt.pareto import pareto_mask
 from fallopt.stage_store import MlflowStageStore
 from fallopt.sweep import sweep_size
 
-from .conftest import CONF, mlflow_service, multirun
-from .test_sweep import GRID, check_grid
+from .conftest import CONF, GRID, mlflow_service, multirun
+from .test_sweep import check_grid
 
 
 @pytest.mark.slow

@@ -37,6 +37,9 @@ def test_sparsity_sweep_records_parent_children_plots_and_trains_the_baseline_on
     assert parent.data.tags["fallopt.best_run_id"] in {r.info.run_id for r in children}
     assert "[sweep] best by val_accuracy" in sweep.output
     assert "[sweep] 3 finished, 0 reused (already FINISHED), 0 failed" in sweep.output
+    # Progress: which job of how many, and once one has finished, the time left.
+    assert "[job 2/3] prune.sparsity=0.5" in sweep.output
+    assert "[job 1/3] done in" in sweep.output and "1 of 3 jobs done, about" in sweep.output
 
 
 def test_seed_lab_sweeps_the_labs_ten_sparsities_on_dense_layers():
@@ -46,9 +49,6 @@ def test_seed_lab_sweeps_the_labs_ten_sparsities_on_dense_layers():
     assert [float(s) for s in sparsities] == [round(0.1 * i, 1) for i in range(10)]
     assert cfg.prune.method == "constant" and cfg.prune.scope == "dense"
     assert cfg.prune.fine_tune_epochs == 2
-
-
-GRID = ["prune.sparsity=0.5,0.8", "quant=dynamic,int8", "quant.representative_samples=20"]
 
 
 def check_grid(sweep: Sweep) -> None:
@@ -63,8 +63,8 @@ def check_grid(sweep: Sweep) -> None:
     assert "database is locked" not in sweep.output
 
 
-def test_prune_by_quant_grid_in_two_parallel_jobs_trains_each_model_once(tmp_path):
-    sweep = multirun(tmp_path, *GRID, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+def test_prune_by_quant_grid_in_two_parallel_jobs_trains_each_model_once(grid_sweep):
+    _, sweep = grid_sweep
     check_grid(sweep)
     # Two jobs share the cores: each caps TensorFlow's threads.
     threads = str(max(1, (os.cpu_count() or 1) // 2))

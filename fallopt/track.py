@@ -52,6 +52,34 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def _create_sqlite_store(db: Path) -> None:
+    """Create a SQLite store whole or not at all.
+
+    MLflow builds a new database in dozens of migration steps: a process killed in between
+    (or a second process migrating the same file) left a store every later run crashed on.
+    So the store is built in a private file and linked into place, which fails if another
+    process got there first.
+    """
+    for stale in db.parent.glob(f".{db.name}.*.tmp"):  # left by a killed creator
+        pid = stale.name.split(".")[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        store = SqlAlchemyStore(f"{_SQLITE}{tmp}", (db.parent / "artifacts").resolve().as_uri())
+        store.engine.dispose()
+        os.link(tmp, db)
+    except FileExistsError:
+        pass  # created meanwhile by a parallel job
+    except Exception as e:
+        raise TrackingError(f"tracking.uri={_SQLITE}{db}: cannot create the store: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def connect(cfg: TrackingConfig, experiment: str | None = None) -> str:
     """Point MLflow at `cfg.uri` and return the id of an experiment, creating both if needed.
 
@@ -70,6 +98,8 @@ def connect(cfg: TrackingConfig, experiment: str | None = None) -> str:
         artifact_location = artifact_location or (db.parent / "artifacts").resolve().as_uri()
     if artifact_location and experiment:
         artifact_location = f"{artifact_location.rstrip('/')}/{experiment}"
+    if db is not None and not db.exists():
+        _create_sqlite_store(db)
     if cfg.uri.startswith(("http://", "https://")):
         check_reachable(cfg.uri)
     mlflow.set_tracking_uri(cfg.uri)

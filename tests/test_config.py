@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -148,3 +149,12 @@ def test_cli_unknown_dataset_option_fails_before_tensorflow():
     assert proc.returncode != 0
     assert "Available options in 'dataset'" in proc.stderr
     assert "TENSORFLOW_LOADED=False" in proc.stdout
+
+
+def test_an_unreachable_tracking_server_fails_fast_before_tensorflow(tmp_path):
+    start = time.monotonic()
+    proc = _run_cli("tracking.uri=http://127.0.0.1:9", f"hydra.run.dir={tmp_path}/out")
+    assert proc.returncode == 2, proc.stderr
+    assert "tracking.uri=http://127.0.0.1:9: no tracking server answers" in proc.stdout
+    assert "TENSORFLOW_LOADED=False" in proc.stdout
+    assert time.monotonic() - start < 60  # MLflow's own retries took about 4 minutes here

@@ -27,6 +27,7 @@ def _finished_once_per_config(runs) -> dict[str, str]:
     return {r.data.tags["fallopt.config_hash"]: r.info.run_id for r in runs}
 
 
+@pytest.mark.slow  # a minute of subprocess sweeps; CI runs `pytest -m slow` too
 def test_a_sweep_killed_after_its_first_job_resumes_and_runs_only_the_rest(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     args = [*TINY, "prune.sparsity=0.3,0.8", f"tracking.uri={uri}"]

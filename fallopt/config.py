@@ -324,6 +324,7 @@ class FalloptConfig:
     dry_run: bool = False  # list what would run and which stages it would reuse; no training
     keep_going: bool = True  # in a sweep, a failed job does not stop the others
     threads: int = 0  # TensorFlow and LiteRT threads per job; 0 = cores / parallel jobs
+    verbose: bool = False  # errors the user can fix print their full trace too
     # Metrics a sweeper optimises, returned by each job; 2 make a Pareto front.
     objectives: list[str] = field(default_factory=lambda: ["val_accuracy"])
 
@@ -345,7 +346,9 @@ OBJECTIVES: dict[str, bool] = {
     "keras_gzip_bytes": False,
 }
 # Keys that say how to run rather than what: they do not change a run's identity.
-EXECUTION_KEYS = ("tracking", "force", "dry_run", "keep_going", "threads", "objectives")
+EXECUTION_KEYS = (
+    "tracking", "force", "dry_run", "keep_going", "threads", "objectives", "verbose"
+)  # fmt: skip
 
 
 DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {

@@ -1,7 +1,8 @@
 """`python -m fallopt.run`: one Hydra job is one tracked run; `-m` sweeps.
 
 Exit codes: 0 done; 1 unexpected error (Hydra prints it; HYDRA_FULL_ERROR=1 for the full
-trace); 2 bad config, data or tracking store (one line naming the culprit and the fix);
+trace); 2 bad config, data or tracking store (one line naming the culprit and the fix;
+`verbose=true` adds the trace);
 3 a sweep whose jobs did not all finish (its summary lists them).
 """
 
@@ -46,7 +47,7 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     except FalloptError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        log.error("%s", e)
+        log.error("%s", e, exc_info=bool(cfg.get("verbose")))  # verbose=true: with the trace
         sys.exit(EXIT_USER_ERROR)
 
 

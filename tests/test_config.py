@@ -158,3 +158,12 @@ def test_an_unreachable_tracking_server_fails_fast_before_tensorflow(tmp_path):
     assert "tracking.uri=http://127.0.0.1:9: no tracking server answers" in proc.stdout
     assert "TENSORFLOW_LOADED=False" in proc.stdout
     assert time.monotonic() - start < 60  # MLflow's own retries took about 4 minutes here
+
+
+def test_verbose_adds_the_trace_to_the_one_line(tmp_path):
+    quiet = _run_cli("train.epochs=-1", f"hydra.run.dir={tmp_path}/q")
+    loud = _run_cli("train.epochs=-1", "verbose=true", f"hydra.run.dir={tmp_path}/v")
+    assert quiet.returncode == loud.returncode == 2
+    assert "Traceback" not in quiet.stdout + quiet.stderr
+    assert "Traceback" in loud.stdout + loud.stderr
+    assert "train.epochs=-1 is invalid" in loud.stdout + loud.stderr

@@ -203,3 +203,38 @@ def test_cli_runs_end_to_end(tmp_path):
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("fallopt").experiment_id])
     assert run.info.status == "FINISHED"
+
+
+def test_a_full_disk_while_logging_artifacts_fails_the_run_and_keeps_the_cache_whole(
+    compose_cfg, tmp_path, tracking_uri, monkeypatch
+):
+    import errno
+
+    import fallopt.track
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fallopt.track.mlflow, "log_artifact", full)
+    with pytest.raises(OSError, match="No space left"):
+        _run(compose_cfg, tmp_path, tracking_uri, *TINY)
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fallopt").experiment_id])
+    assert run.info.status == "FAILED" and "No space left" in run.data.tags["fallopt.error"]
+    assert mlflow.active_run() is None
+
+
+def test_a_full_disk_while_building_a_stage_leaves_no_entry(tmp_path):
+    import errno
+
+    from fallopt.cache import StageCache
+
+    def build(out):
+        (out / "model.keras").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cache = StageCache(tmp_path / "stages")
+    with pytest.raises(OSError, match="No space left"):
+        cache.get_or_build("baseline", "k", build)
+    assert cache.status("baseline", "k") == "missing"
+    assert [p.name for p in (tmp_path / "stages").iterdir()] == ["baseline-k.lock"]

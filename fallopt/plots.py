@@ -30,12 +30,21 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def confusion_matrix_png(
-    confusion: np.ndarray, class_names: Sequence[str], path: Path, title: str
-) -> Path:
-    """Heatmap of counts, each cell also showing its share of the true class."""
+def draw_confusion(
+    ax: plt.Axes,
+    confusion: np.ndarray,
+    class_names: Sequence[str],
+    title: str,
+    fontsize: int = 9,
+    rotation: int = 45,
+    label_size: int | None = None,
+    title_size: int = 10,
+) -> None:
+    """Heatmap of counts on `ax`, each cell also showing its share of the true class.
+
+    `fontsize` is the cells'; labels keep matplotlib's size unless `label_size` is given.
+    """
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(max(1.2 * n + 2.5, 5.5), 1.1 * n + 2.4))
     ax.imshow(confusion, cmap="Blues")
     row_totals = confusion.sum(axis=1, keepdims=True).clip(min=1)
     for i in range(n):
@@ -48,13 +57,23 @@ def confusion_matrix_png(
                 ha="center",
                 va="center",
                 color="white" if dark else "black",
-                fontsize=9,
+                fontsize=fontsize,
             )
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title, fontsize=10, wrap=True)
+    labels = {"fontsize": label_size} if label_size else {}
+    ax.set_xticks(range(n), class_names, rotation=rotation, ha="right", **labels)
+    ax.set_yticks(range(n), class_names, **labels)
+    ax.set_xlabel("predicted class", **labels)
+    ax.set_ylabel("true class", **labels)
+    ax.set_title(title, fontsize=title_size, wrap=True)
+
+
+def confusion_matrix_png(
+    confusion: np.ndarray, class_names: Sequence[str], path: Path, title: str
+) -> Path:
+    """One confusion matrix as a PNG (see `draw_confusion`)."""
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(max(1.2 * n + 2.5, 5.5), 1.1 * n + 2.4))
+    draw_confusion(ax, confusion, class_names, title)
     return save_figure(fig, path)
 
 

@@ -206,3 +206,14 @@ def grid_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Sweep]:
     """GRID in two parallel jobs (joblib), run once and shared by the sweep and report tests."""
     tmp = tmp_path_factory.mktemp("grid")
     return tmp, multirun(tmp, *GRID, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+
+
+def front_by_hand(runs: list[Run], accuracy: str, size: str) -> set[str]:
+    """Pareto front by the definition: no other run at least as accurate and at most as
+    large, and better in one. Independent of fallopt.pareto, which it checks."""
+    points = {r.info.run_id: (r.data.metrics[accuracy], r.data.metrics[size]) for r in runs}
+    return {
+        run
+        for run, (acc, sz) in points.items()
+        if not any(a >= acc and s <= sz and (a > acc or s < sz) for a, s in points.values())
+    }

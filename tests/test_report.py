@@ -19,7 +19,7 @@ from PIL import Image
 from fallopt.report.__main__ import EXIT_NO_MODEL, main
 from fallopt.report.select import Constraints, recommend
 
-from .conftest import REPO, Sweep, mlflow_service
+from .conftest import REPO, Sweep, front_by_hand, mlflow_service
 
 ARTIFACTS = Path(os.environ.get("FALLOPT_TEST_ARTIFACTS", REPO / "test-artifacts"))
 
@@ -39,25 +39,12 @@ def _uri(tmp: Path) -> str:
     return f"sqlite:///{tmp}/mlruns/mlflow.db"
 
 
-def _by_hand(sweep: Sweep) -> set[str]:
-    """The accuracy/size front from the runs' logged metrics, by the definition."""
-    points = {
-        r.info.run_id: (r.data.metrics["tflite_test_accuracy"], r.data.metrics["tflite_gzip_bytes"])
-        for r in sweep.children
-    }
-    return {
-        run
-        for run, (acc, size) in points.items()
-        if not any(a >= acc and s <= size and (a > acc or s < size) for a, s in points.values())
-    }
-
-
 def test_the_report_finds_the_pareto_set_and_recommends_within_budget(study, caplog):
     tmp, sweep = study
     out = tmp / "report"
     assert main(["--tracking-uri", _uri(tmp), "--out", str(out)]) == 0
     html = (out / "report.html").read_text()
-    front = _by_hand(sweep)
+    front = front_by_hand(sweep.children, "tflite_test_accuracy", "tflite_gzip_bytes")
     assert front and all(run in html for run in front)
     assert html.count('<tr class="pareto">') == len(front)
     assert (out / "report.md").read_text().count("| yes |") >= len(front)

@@ -21,7 +21,7 @@ from fallopt.pareto import pareto_mask
 from fallopt.stage_store import MlflowStageStore
 from fallopt.sweep import sweep_size
 
-from .conftest import CONF, GRID, mlflow_service, multirun
+from .conftest import CONF, GRID, front_by_hand, mlflow_service, multirun
 from .test_sweep import check_grid
 
 
@@ -45,15 +45,7 @@ def test_an_optuna_search_tags_its_pareto_set(tmp_path):
     sweep = multirun(tmp_path, *search)
     runs = sweep.children
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
-    values = np.array(
-        [[r.data.metrics["val_accuracy"], r.data.metrics["tflite_gzip_bytes"]] for r in runs]
-    )
-    # The front by hand: no other run at least as accurate and at most as large, better in one.
-    by_hand = {
-        r.info.run_id
-        for r, (acc, size) in zip(runs, values, strict=True)
-        if not any(a >= acc and s <= size and (a > acc or s < size) for a, s in values.tolist())
-    }
+    by_hand = front_by_hand(runs, "val_accuracy", "tflite_gzip_bytes")
     tagged = {r.info.run_id for r in runs if r.data.tags.get("fallopt.pareto") == "true"}
     assert tagged == by_hand and tagged
     assert sweep.parent.data.tags["fallopt.pareto_runs"] == ",".join(sorted(by_hand))

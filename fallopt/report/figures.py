@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from fallopt.plots import save_figure, style_axes
+from fallopt.plots import draw_confusion, save_figure, style_axes
 
 _ACCURACY = "test accuracy of the .tflite (fraction correct)"
 _SPARSITY = "target sparsity (fraction of weights pruned)"
@@ -48,17 +48,5 @@ def confusion_grid_png(matrices: dict[str, np.ndarray], class_names: list[str], 
     n = len(matrices)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 0.5, 3.9), squeeze=False)
     for ax, (title, cm) in zip(axes[0], matrices.items(), strict=True):
-        ax.imshow(cm, cmap="Blues")
-        totals = cm.sum(axis=1, keepdims=True).clip(min=1)
-        for i in range(cm.shape[0]):
-            for j in range(cm.shape[1]):
-                dark = cm[i, j] > cm.max() / 2
-                ax.text(j, i, f"{cm[i, j]}\n{cm[i, j] / totals[i, 0]:.0%}", ha="center",
-                        va="center", fontsize=8, color="white" if dark else "black")  # fmt: skip
-        ticks = range(len(class_names))
-        ax.set_xticks(ticks, class_names, rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(ticks, class_names, fontsize=8)
-        ax.set_xlabel("predicted class", fontsize=8)
-        ax.set_ylabel("true class", fontsize=8)
-        ax.set_title(title, fontsize=8, wrap=True)
+        draw_confusion(ax, cm, class_names, title, 8, rotation=30, label_size=8, title_size=8)
     return save_figure(fig, path)

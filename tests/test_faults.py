@@ -1,4 +1,5 @@
-"""Faults during sweeps (docs/faults.md): kills at random points, two sweeps at once.
+"""Faults while running (docs/faults.md): kills at random points and at chosen stages,
+two sweeps at once.
 
 Slow: each starts several sweeps in subprocesses (`pytest -m slow`, which CI runs).
 """
@@ -13,9 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 
 from fallopt.cache import StageCache
+from fallopt.litert import TFLiteModel
 
 from .conftest import REPO, TINY, multirun
 
@@ -34,6 +38,14 @@ def _start(tmp_path: Path, name: str, *overrides: str) -> subprocess.Popen:
         text=True,
         env={**os.environ, "FALLOPT_CACHE": str(tmp_path / "cache")},
     )
+
+
+def _assert_cache_whole(stages: Path) -> None:
+    """The stage cache holds only complete, checksummed entries and no temporary folders."""
+    assert not list(stages.glob(".*.tmp"))
+    cache = StageCache(stages)
+    for entry in (p for p in stages.iterdir() if p.is_dir()):
+        assert cache._valid(entry) is not None, entry
 
 
 @pytest.mark.slow
@@ -64,12 +76,7 @@ def test_sweeps_killed_at_random_points_resume_to_every_combination_finished_onc
     }
     folders = {p.name for p in (tmp_path / "mlruns" / "artifacts").iterdir()}
     assert folders <= known
-    # The stage cache holds only complete, checksummed entries and no temporary folders.
-    stages = tmp_path / "cache" / "stages"
-    assert not list(stages.glob(".*.tmp"))
-    cache = StageCache(stages)
-    for entry in (p for p in stages.iterdir() if p.is_dir()):
-        assert cache._valid(entry) is not None, entry
+    _assert_cache_whole(tmp_path / "cache" / "stages")
 
 
 @pytest.mark.slow
@@ -85,3 +92,69 @@ def test_two_sweeps_writing_one_experiment_at_once_both_finish(tmp_path):
     # Both sweeps needed one baseline: the stage lock let exactly one of them train it.
     assert [r.data.tags["fallopt.stage.baseline"] for r in runs].count("trained") == 1
     assert not store.runs("RUNNING")
+
+
+def _store(tmp_path: Path) -> tuple[MlflowClient, list]:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    experiment = client.get_experiment_by_name("fallopt")
+    return client, client.search_runs([experiment.experiment_id], max_results=100)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize(
+    "stage",
+    [
+        ("mlflow:log_metrics", "train_accuracy"),  # inside model.fit, after the first epoch
+        ("fallopt.task:convert", ""),  # the converter returned; model.tflite not yet written
+        ("mlflow:log_artifact", "model.tflite"),  # model.tflite uploaded, the rest not yet
+    ],
+    ids=["training", "conversion", "upload"],
+)
+def test_a_kill_at_a_chosen_stage_resumes_to_one_complete_run(tmp_path, stage, sig):
+    marker = tmp_path / "paused"
+    args = ["prune.sparsity=0.5", "quant=dynamic", *TINY]
+    args += [f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db", f"hydra.run.dir={tmp_path}/o"]
+    env = {**os.environ, "FALLOPT_CACHE": str(tmp_path / "cache")}
+    paused = subprocess.Popen(
+        [sys.executable, "-m", "tests.pause_at", *stage, str(marker), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert paused.poll() is None and time.time() < deadline, paused.communicate()[0][-3000:]
+        time.sleep(0.2)
+    paused.send_signal(sig)
+    assert paused.wait(timeout=120) != 0
+    client, (killed,) = _store(tmp_path)
+    # Ctrl-C ends the run itself; a SIGKILLed writer cannot, so its run waits for the reaper.
+    assert killed.info.status == ("KILLED" if sig == signal.SIGINT else "RUNNING")
+    uploaded = {a.path for a in client.list_artifacts(killed.info.run_id)}
+    assert ("model.tflite" in uploaded) == (stage[0] == "mlflow:log_artifact")  # where it landed
+    assert "c_array" not in uploaded and "model" not in uploaded
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fallopt.run", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    client, runs = _store(tmp_path)
+    status = {r.info.run_id: r.info.status for r in runs}
+    assert status.pop(killed.info.run_id) == "KILLED"  # never FINISHED, so never reused
+    ((run_id, finished),) = status.items()  # exactly one new run, and it finished
+    assert finished == "FINISHED"
+    listed = {a.path for a in client.list_artifacts(run_id)}
+    listed |= {a.path for a in client.list_artifacts(run_id, "model")}
+    assert set(ARTIFACTS) <= listed
+    tflite = client.download_artifacts(run_id, "model.tflite", str(tmp_path / "dl"))
+    probs = TFLiteModel(Path(tflite).read_bytes(), 1).predict(np.zeros((2, 24, 24, 3), np.uint8))
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1, atol=1e-3)
+    _assert_cache_whole(tmp_path / "cache" / "stages")

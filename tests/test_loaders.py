@@ -58,9 +58,23 @@ def test_cauca_float_pixels_in_unit_range_become_uint8(tmp_path):
         (cauca_dict(40, data=np.full((40, 16, 16, 3), np.nan)), "NaN or inf"),
         (cauca_dict(40, data=np.zeros((40, 16))), "not a stack of images"),
         (cauca_dict(40, data=np.full((40, 16, 16, 3), 300.0)), r"outside \[0, 255\]"),
+        (cauca_dict(40, data=np.ones((40, 16, 16, 3), bool)), "dtype bool is not numeric"),
+        (cauca_dict(40, labels=[0.5, 1.0] * 20), "labels of dtype float64 are not integers"),
         ([1, 2, 3], "holds a list, not a dict"),
     ],
-    ids=["length", "keys", "label-range", "one-class", "shape", "nan", "ndim", "range", "not-dict"],
+    ids=[
+        "length",
+        "keys",
+        "label-range",
+        "one-class",
+        "shape",
+        "nan",
+        "ndim",
+        "range",
+        "dtype",
+        "label-dtype",
+        "not-dict",
+    ],
 )
 def test_cauca_bad_contents_name_file_problem_and_format(tmp_path, payload, message):
     path = write_pickle(tmp_path / "bad.pickle", payload)

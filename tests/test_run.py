@@ -29,6 +29,11 @@ def _run(compose_cfg, tmp_path, tracking_uri, *overrides):
     return typed, cfg, metrics, client, run
 
 
+def _artifact_bytes(client: MlflowClient, run_id: str, path: str, into: Path) -> bytes:
+    into.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, path, str(into))).read_bytes()
+
+
 def test_tracked_run_records_everything_the_ui_needs(compose_cfg, tmp_path, tracking_uri):
     typed, cfg, metrics, client, run = _run(
         compose_cfg, tmp_path, tracking_uri, *TINY, "train.epochs=2"
@@ -205,7 +210,7 @@ def test_cli_runs_end_to_end(tmp_path):
     assert run.info.status == "FINISHED"
 
 
-def test_a_full_disk_while_logging_artifacts_fails_the_run_and_keeps_the_cache_whole(
+def test_a_full_disk_while_logging_fails_the_run_and_leaves_earlier_runs_untouched(
     compose_cfg, tmp_path, tracking_uri, monkeypatch
 ):
     import errno
@@ -215,13 +220,21 @@ def test_a_full_disk_while_logging_artifacts_fails_the_run_and_keeps_the_cache_w
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    *_, client, earlier = _run(compose_cfg, tmp_path / "a", tracking_uri, *TINY)
+    earlier_tflite = _artifact_bytes(client, earlier.info.run_id, "model.tflite", tmp_path / "1")
     monkeypatch.setattr(fallopt.track.mlflow, "log_artifact", full)
     with pytest.raises(OSError, match="No space left"):
-        _run(compose_cfg, tmp_path, tracking_uri, *TINY)
-    client = MlflowClient(tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("fallopt").experiment_id])
+        _run(compose_cfg, tmp_path / "b", tracking_uri, *TINY, "prune.sparsity=0.3")
+    runs = client.search_runs([client.get_experiment_by_name("fallopt").experiment_id])
+    (run,) = [r for r in runs if r.info.run_id != earlier.info.run_id]
     assert run.info.status == "FAILED" and "No space left" in run.data.tags["fallopt.error"]
     assert mlflow.active_run() is None
+    # The earlier run is untouched: same status, metrics and artifact bytes.
+    again = client.get_run(earlier.info.run_id)
+    assert again.info.status == "FINISHED" and again.data.metrics == earlier.data.metrics
+    assert _artifact_bytes(client, earlier.info.run_id, "model.tflite", tmp_path / "2") == (
+        earlier_tflite
+    )
 
 
 def test_a_full_disk_while_building_a_stage_leaves_no_entry(tmp_path):

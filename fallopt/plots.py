@@ -101,7 +101,7 @@ _SPARSITY_AXIS = "target sparsity (fraction of pruned weights set to zero)"
 def sweep_plots(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     """The lab's two sweep plots: accuracy and gzipped model size against target sparsity.
 
-    `table` has one row per finished run (columns as in `fallopt.sweep.COLUMNS`).
+    `table` has one row per finished run (columns as in `fallopt.sweep_summary.COLUMNS`).
     """
     x = table["prune.sparsity"]
     fig, ax = plt.subplots(figsize=(7, 4.5))

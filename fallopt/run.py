@@ -28,6 +28,11 @@ log = logging.getLogger("fallopt")
 # calling module, which fails when main is called as `fallopt` or from another module.
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
+if "--help" in sys.argv or "-h" in sys.argv:  # before Hydra answers it: 0.8 s instead of 4
+    from fallopt.fast_help import share_group_listing_repository
+
+    share_group_listing_repository()
+
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | list[float] | None:

@@ -21,7 +21,7 @@ from fallopt.config import (
     validate,
 )
 
-from .conftest import REPO
+from .conftest import CONF, REPO
 
 
 def test_default_config_is_the_embedded_fall_run(compose_cfg):
@@ -124,10 +124,11 @@ def test_flatten_gives_dotted_keys():
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    # Reports, at exit, whether TensorFlow had been imported by then.
+    # Reports, at exit, whether TensorFlow and MLflow had been imported by then.
     code = (
         "import atexit, runpy, sys;"
         "atexit.register(lambda: print('TENSORFLOW_LOADED=' + str('tensorflow' in sys.modules)));"
+        "atexit.register(lambda: print('MLFLOW_LOADED=' + str('mlflow' in sys.modules)));"
         f"sys.argv = ['fallopt.run', *{list(args)!r}];"
         "runpy.run_module('fallopt.run', run_name='__main__')"
     )
@@ -142,6 +143,18 @@ def test_cli_bad_value_exits_2_with_one_line_before_tensorflow():
     assert "train.epochs=-1 is invalid: must be >= 1" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "TENSORFLOW_LOADED=False" in proc.stdout
+    assert "MLFLOW_LOADED=False" in proc.stdout  # the sweep callback loads it only in sweeps
+
+
+def test_help_lists_every_group_and_the_config_without_tensorflow():
+    proc = _run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for group in ("dataset", "model", "prune", "quant", "tracking", "experiment"):
+        options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+        assert f"{group}: {', '.join(options)}" in lines  # Hydra's own listing, complete
+    assert "== Config ==" in proc.stdout and "  sparsity: " in proc.stdout  # then the config
+    assert "TENSORFLOW_LOADED=False" in proc.stdout and "MLFLOW_LOADED=False" in proc.stdout
 
 
 def test_cli_unknown_dataset_option_fails_before_tensorflow():

@@ -27,18 +27,30 @@ def seed_everything(seed: int) -> None:
 
 
 def batches(split: Split, batch_size: int, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
-    """A tf.data pipeline over a split; images become float32 [0, 1] one batch at a time."""
+    """A tf.data pipeline over a split; images become float32 [0, 1] one batch at a time.
+
+    Only indices go through tf.data; each batch is gathered from the uint8 array when it is
+    needed. `from_tensor_slices` would copy the whole split into a tensor, and a full
+    shuffle buffer of its images would hold it once more. Shuffling the indices with the
+    same seed gives the same order as shuffling the images did.
+    """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((split.x, split.y))
+    x, y = split.x, split.y
+    ds = tf.data.Dataset.range(len(split))
     if shuffle:
         ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
     scale = tf.constant(PIXEL_SCALE, tf.float32)
-    return (
-        ds.batch(batch_size)
-        .map(lambda x, y: (tf.cast(x, tf.float32) * scale, y))
-        .prefetch(tf.data.AUTOTUNE)
-    )
+
+    def gather(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        images, labels = tf.numpy_function(
+            lambda i: (x[i], y[i]), [index], (tf.uint8, tf.int64), stateful=False
+        )
+        images.set_shape((None, *x.shape[1:]))
+        labels.set_shape((None,))
+        return tf.cast(images, tf.float32) * scale, labels
+
+    return ds.batch(batch_size).map(gather).prefetch(tf.data.AUTOTUNE)
 
 
 def compile_model(model: tf_keras.Model, cfg: TrainConfig) -> None:

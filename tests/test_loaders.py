@@ -10,7 +10,7 @@ import pytest
 
 from fallopt.config import CaucaConfig, DigitsConfig, HdsConfig, SyntheticFallsConfig
 from fallopt.data import load_dataset
-from fallopt.data.dataset import Split, as_images, limit
+from fallopt.data.dataset import Split, as_images, limit, stratified_split
 from fallopt.errors import DataError
 
 from .conftest import cauca_dict, write_pickle
@@ -174,3 +174,23 @@ def test_limit_is_stratified_and_deterministic():
 def test_integer_pixels_outside_uint8_are_refused():
     with pytest.raises(DataError, match=r"outside \[0, 255\]"):
         as_images(np.full((2, 4, 4, 1), 1000, np.int32), "x", "fmt")
+
+
+def test_splits_are_views_in_file_order_with_the_classes_kept():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(101, 3, 3, 1), dtype=np.uint8)
+    y = np.arange(101) % 3
+    ids = {x[i].tobytes(): i for i in range(101)}  # each image names its row in the file
+    pool = x.copy()
+    train, val = stratified_split(Split(pool, y.copy()), 0.25, seed=0, what="t")
+    assert train.x.base is pool and val.x.base is pool  # reordered in place: no copy
+    for part in (train, val):
+        rows = [ids[image.tobytes()] for image in part.x]
+        assert rows == sorted(rows)  # file order within each part
+        assert np.array_equal(part.y, y[rows])  # labels follow their images
+    assert len(val) == 26 and np.bincount(val.y).tolist() == [9, 9, 8]
+    assert sorted(ids[i.tobytes()] for i in np.concatenate([train.x, val.x])) == list(range(101))
+    frozen = x.copy()
+    frozen.flags.writeable = False  # e.g. a memory-mapped file: split by copying instead
+    copied, _ = stratified_split(Split(frozen, y), 0.25, seed=0, what="t")
+    assert np.array_equal(copied.x, train.x) and not np.shares_memory(copied.x, frozen)

@@ -9,7 +9,7 @@ from fallopt.config import ModelConfig, TrainConfig
 from fallopt.data import Split
 from fallopt.evaluate import evaluate_probabilities
 from fallopt.models import build_model
-from fallopt.train import seed_everything, train_model
+from fallopt.train import batches, seed_everything, train_model
 
 
 def test_binary_metrics_by_hand():
@@ -77,3 +77,27 @@ def test_epoch_hook_sees_every_epoch():
     )
     assert [e for e, _ in seen] == [0, 1, 2]
     assert seen[0][1] == ["accuracy", "loss", "val_accuracy", "val_loss"]
+
+
+def test_batches_shuffle_every_image_once_per_epoch_as_tf_data_would():
+    import tensorflow as tf
+
+    x = np.arange(20 * 2 * 2, dtype=np.uint8).reshape(20, 2, 2, 1)  # image i holds 4i..4i+3
+    split = Split(x, np.arange(20) % 2)
+    ds = batches(split, 6, shuffle=True, seed=3)
+    epochs = [[(images.numpy(), labels.numpy()) for images, labels in ds] for _ in range(2)]
+    orders = []
+    for epoch in epochs:
+        assert [len(labels) for _, labels in epoch] == [6, 6, 6, 2]
+        images = np.concatenate([i for i, _ in epoch])
+        assert images.dtype == np.float32 and images.max() <= 1.0
+        order = np.rint(images[:, 0, 0, 0] * 255 / 4).astype(int)
+        assert sorted(order) == list(range(20))  # every image once
+        assert np.array_equal(np.concatenate([lab for _, lab in epoch]), order % 2)
+        orders.append(order)
+    assert not np.array_equal(*orders)  # reshuffled each epoch
+    # The order tf.data gives when it shuffles the images themselves (the former pipeline).
+    slices = tf.data.Dataset.from_tensor_slices(x).shuffle(20, seed=3)
+    assert [int(i[0, 0, 0]) // 4 for i in slices.as_numpy_iterator()] == list(orders[0])
+    unshuffled = np.concatenate([i for i, _ in batches(split, 6).as_numpy_iterator()])
+    np.testing.assert_allclose(unshuffled, x / np.float32(255), rtol=1e-6)

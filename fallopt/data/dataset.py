@@ -127,6 +127,8 @@ def as_labels(labels: Any, n: int, valid: Sequence[int], source: str, expected: 
 def stratified_split(split: Split, fraction: float, seed: int, what: str) -> tuple[Split, Split]:
     """Split off `fraction` of the samples (rounded up), keeping the class proportions.
 
+    The parts are views of `split`'s images, which are reordered in place (no copy).
+
     Raises:
         DataError: when the split would leave a part without every class.
     """
@@ -147,6 +149,25 @@ def limit(split: Split, n: int | None, seed: int) -> Split:
     return Split(split.x[kept], split.y[kept])
 
 
+def _reorder_rows(x: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """`x[order]`, made in place when `x` is writeable, with one row of scratch.
+
+    A copy would hold the images twice while splitting (16,000 CAUCA images: 442 MiB more).
+    Each cycle of the permutation is followed once: a row is read before it is overwritten.
+    """
+    if not x.flags.writeable:
+        return x[order]
+    moved = np.zeros(len(order), dtype=bool)
+    for start in np.flatnonzero(order != np.arange(len(order))):
+        if moved[start]:
+            continue
+        row, i = x[start].copy(), int(start)
+        while (j := int(order[i])) != start:
+            x[i], moved[i], i = x[j], True, j
+        x[i], moved[i] = row, True
+    return x
+
+
 def _split_off(split: Split, n_held: int, seed: int, what: str) -> tuple[Split, Split]:
     n_classes = len(np.unique(split.y))
     if n_held < n_classes or len(split) - n_held < n_classes:
@@ -158,6 +179,6 @@ def _split_off(split: Split, n_held: int, seed: int, what: str) -> tuple[Split, 
     keep, held = train_test_split(
         np.arange(len(split)), test_size=n_held, stratify=split.y, random_state=seed
     )
-    keep.sort()
-    held.sort()
-    return Split(split.x[keep], split.y[keep]), Split(split.x[held], split.y[held])
+    order = np.concatenate([np.sort(keep), np.sort(held)])  # each part in file order
+    x, y, n = _reorder_rows(split.x, order), split.y[order], len(keep)
+    return Split(x[:n], y[:n]), Split(x[n:], y[n:])  # views of one array

@@ -10,6 +10,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from fallopt.data import Split
+from fallopt.timing import timed
 
 if TYPE_CHECKING:
     import tf_keras
@@ -66,6 +67,7 @@ def evaluate_probabilities(y_true: np.ndarray, probs: np.ndarray) -> Evaluation:
     )
 
 
+@timed("inference")
 def evaluate_keras(model: tf_keras.Model, split: Split, batch_size: int = 256) -> Evaluation:
     """Predict a whole split with a Keras model (normalising per batch) and score it."""
     from fallopt.train import batches

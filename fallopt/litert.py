@@ -16,6 +16,8 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from fallopt.data import to_float
+from fallopt.data.dataset import PIXEL_SCALE
+from fallopt.timing import timed
 
 # Ops whose input 1 is a weight tensor.
 _WEIGHT_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
@@ -54,6 +56,7 @@ class TFLiteModel:
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self._batch = 1
+        self._table = self._input_table()
 
     @property
     def input_dtype(self) -> type:
@@ -65,13 +68,42 @@ class TFLiteModel:
         """The numpy dtype of the model's output."""
         return self.output["dtype"]
 
-    def _quantize(self, x: np.ndarray) -> np.ndarray:
-        floats = to_float(x)
+    def _input_table(self) -> np.ndarray:
+        """What each uint8 pixel value becomes at the model's input.
+
+        float32 [0, 1], or that quantized with the input's own scale and zero point.
+        """
+        floats = to_float(np.arange(256, dtype=np.uint8))
         if self.input_dtype == np.float32:
             return floats
         scale, zero = self.input["quantization"]
         info = np.iinfo(self.input_dtype)
         return np.clip(np.rint(floats / scale + zero), info.min, info.max).astype(self.input_dtype)
+
+    def _quantize(self, x: np.ndarray) -> np.ndarray:
+        """uint8 images as the model's input takes them (a new array)."""
+        if x.dtype != np.uint8:
+            raise TypeError(f"expected uint8 images, got {x.dtype}")
+        return self._table[x]
+
+    def _fill_input(self, batch: np.ndarray) -> None:
+        """Write `_quantize(batch)` straight into the input tensor, in one pass.
+
+        A lookup per pixel costs about as much as a tenth of invoke; a multiply, or for the
+        usual int8 input (v - 128) a bit flip, is several times cheaper.
+        """
+        if batch.dtype != np.uint8:
+            raise TypeError(f"expected uint8 images, got {batch.dtype}")
+        target = self.interpreter.tensor(self.input["index"])()
+        if self.input_dtype == np.float32:
+            np.multiply(batch, np.float32(PIXEL_SCALE), out=target, dtype=np.float32)
+        elif self.input_dtype == np.int8 and np.array_equal(
+            self._table, np.arange(-128, 128, dtype=np.int8)
+        ):
+            np.bitwise_xor(batch, np.uint8(128), out=target.view(np.uint8))
+        else:
+            np.take(self._table, batch, out=target)
+        del target  # the interpreter refuses to invoke while a view of its memory is held
 
     def _dequantize(self, y: np.ndarray) -> np.ndarray:
         if self.output_dtype == np.float32:
@@ -79,20 +111,22 @@ class TFLiteModel:
         scale, zero = self.output["quantization"]
         return (y.astype(np.float32) - zero) * scale
 
+    @timed("inference")
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Class probabilities for uint8 images (n, h, w, c), batch by batch."""
         out = []
         for start in range(0, len(x), batch_size):
-            batch = self._quantize(x[start : start + batch_size])
+            batch = x[start : start + batch_size]
             if len(batch) != self._batch:
                 self.interpreter.resize_tensor_input(self.input["index"], batch.shape)
                 self.interpreter.allocate_tensors()
                 self._batch = len(batch)
-            self.interpreter.set_tensor(self.input["index"], batch)
+            self._fill_input(batch)
             self.interpreter.invoke()
             out.append(self._dequantize(self.interpreter.get_tensor(self.output["index"])))
         return np.concatenate(out)
 
+    @timed("inference")
     def latency_ms(self, image: np.ndarray, repeats: int = 50, warmup: int = 5) -> float:
         """Median milliseconds of one single-image invoke on one thread, after warm-up."""
         interpreter = _interpreter(self.content, 1, self.xnnpack)

@@ -13,7 +13,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 import fallopt
-from fallopt import stages, track
+from fallopt import stages, timing, track
 from fallopt.backend import keras
 from fallopt.cache import StageCache
 from fallopt.compress.prune import select_layers
@@ -277,6 +277,17 @@ def _log_figures(
     track.log_artifacts([cm_json, cm_png, curves])
 
 
+def _log_time(run_seconds: float) -> None:
+    spent = timing.seconds()
+    track.log_metrics({f"seconds_{k}": v for k, v in spent.items()} | {"seconds_run": run_seconds})
+    log.info(
+        "[time] %.1f s: %s, other %.1f (data, caching, tracking, plots)",
+        run_seconds,
+        ", ".join(f"{k} {v:.1f}" for k, v in spent.items()),
+        run_seconds - sum(spent.values()),
+    )
+
+
 def run_experiment(
     cfg: FalloptConfig,
     resolved: dict[str, Any],
@@ -290,6 +301,8 @@ def run_experiment(
     before the MLflow run starts, so bad input leaves no run behind. Once started, the run
     always ends FINISHED, FAILED or KILLED. Returns the logged summary metrics.
     """
+    start = time.perf_counter()
+    timing.reset()
     output_dir.mkdir(parents=True, exist_ok=True)
     log.info("[config] hash %s, outputs in %s", config_hash, output_dir)
     experiment_id = track.connect(cfg.tracking)
@@ -335,6 +348,7 @@ def run_experiment(
         track.log_metrics({**summary, **counts})
         _log_figures(cfg, data, evaluation, history, fine_tune_from, output_dir)
         track.log_artifacts([final.model_file], "model")
+        _log_time(time.perf_counter() - start)
         log.info(
             "[track] run %s in experiment %r at %s",
             run_id,

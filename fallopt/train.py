@@ -10,6 +10,7 @@ from fallopt.backend import keras
 from fallopt.config import Optimizer, TrainConfig
 from fallopt.data import Split
 from fallopt.data.dataset import PIXEL_SCALE
+from fallopt.timing import timed
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -68,6 +69,7 @@ def compile_model(model: tf_keras.Model, cfg: TrainConfig) -> None:
     )
 
 
+@timed("train")
 def fit(
     model: tf_keras.Model,
     train: Split,

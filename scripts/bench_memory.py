@@ -108,15 +108,9 @@ WARM_UP = {"lab": _lab_warm_up, "fallopt": _fallopt_warm_up}
 
 def child(flow: str, folder: Path, steps: int) -> None:
     """One flow in this process; prints its peak growth as JSON."""
-    import fallopt  # noqa: F401  (Keras 2 for tf_keras, as fallopt runs)
-    from fallopt.config import ModelConfig
-    from fallopt.models import build_model
+    import lab_flow
 
-    model = build_model(
-        ModelConfig(name="cauca_cnn", filters=[32, 32, 64], kernel_size=5, dense_units=[64]),
-        (96, 96, 3),
-        2,
-    )
+    model = lab_flow.cauca_cnn((96, 96, 3))
     # TensorFlow's start-up and each flow's own training path on 64 blank images come first
     # (graphs, activations, gradients, optimizer state): the figure is what the data costs.
     model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])

@@ -7,7 +7,7 @@ import pytest
 
 from fallopt.compress.quantize import convert, representative_images
 from fallopt.config import BlockOrder, ConfigError, ModelConfig, QuantMode, TrainConfig
-from fallopt.data import Split
+from fallopt.data import Split, to_float
 from fallopt.evaluate import evaluate_probabilities
 from fallopt.export import c_array
 from fallopt.litert import TFLiteModel
@@ -48,6 +48,25 @@ def test_float32_tflite_predicts_like_keras(trained, files):
     assert tflite.input_dtype == np.float32 and tflite.output_dtype == np.float32
     keras_probs = model.predict(test.x.astype(np.float32) / 255, verbose=0)
     np.testing.assert_allclose(tflite.predict(test.x), keras_probs, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [QuantMode.none, QuantMode.int8])
+def test_every_pixel_value_is_fed_as_training_normalised_it(files, mode):
+    tflite = TFLiteModel(files[mode])
+    x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)  # each value once
+    expected = to_float(x)
+    if mode is QuantMode.int8:
+        scale, zero = tflite.input["quantization"]
+        expected = np.clip(np.rint(expected / scale + zero), -128, 127).astype(np.int8)
+    tflite._fill_input(x)
+    np.testing.assert_array_equal(tflite.interpreter.get_tensor(tflite.input["index"]), expected)
+    np.testing.assert_array_equal(tflite._quantize(x), expected)
+    if mode is QuantMode.int8:  # an input quantized otherwise takes the general table path
+        tflite._table = expected.reshape(-1).copy()
+        tflite._table[0] = 5
+        tflite._fill_input(x)
+        fed = tflite.interpreter.get_tensor(tflite.input["index"]).reshape(-1)
+        assert fed[0] == 5 and np.array_equal(fed[1:], expected.reshape(-1)[1:])
 
 
 def test_float16_is_about_half_and_dynamic_about_a_quarter(files):

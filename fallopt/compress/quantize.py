@@ -11,6 +11,7 @@ from fallopt.backend import keras
 from fallopt.config import QuantMode, TrainConfig
 from fallopt.data import Split, to_float
 from fallopt.errors import ConfigError
+from fallopt.timing import timed
 from fallopt.train import EpochHook, fit
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ def quantization_aware_fine_tune(
     return aware
 
 
+@timed("convert")
 def convert(
     model: tf_keras.Model,
     mode: QuantMode,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+_HEX = [f"0x{b:02x}" for b in range(256)]  # a lookup: formatting each byte took 0.2 s a model
+
 
 def c_array(content: bytes, out_dir: Path, name: str = "model_data") -> tuple[Path, Path]:
     """Write `<name>.h` and `<name>.cc` holding the model bytes, 16-byte aligned.
@@ -22,7 +24,7 @@ def c_array(content: bytes, out_dir: Path, name: str = "model_data") -> tuple[Pa
         f"#endif  // {ident.upper()}_H_\n"
     )
     rows = (
-        "  " + ", ".join(f"0x{b:02x}" for b in content[i : i + 12])
+        "  " + ", ".join(map(_HEX.__getitem__, content[i : i + 12]))
         for i in range(0, len(content), 12)
     )
     source.write_text(

@@ -81,10 +81,14 @@ def lab(args: argparse.Namespace) -> None:
 
 
 def fallopt_sweep(args: argparse.Namespace, tmp: Path) -> tuple[float, list]:
-    """Run the grid with fallopt; returns its wall time and its runs."""
+    """Run the grid with fallopt into the store at `tmp`; returns its wall time and runs."""
     from mlflow.tracking import MlflowClient
 
+    from fallopt.config import TrackingConfig
+    from fallopt.track import connect
+
     uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
+    connect(TrackingConfig(uri=uri))  # the store exists beforehand, as a user's does
     overrides = [
         f"prune.sparsity={args.sparsities}", f"quant={args.modes}", "prune.scope=all",
         f"dataset.image_size={args.image_size}", f"dataset.n_train={args.n_train}",

@@ -53,7 +53,7 @@ def write_pickles(folder: Path, n_train: int, n_test: int, size: int = 96) -> in
     return (n_train + n_test) * size * size * 3
 
 
-def lab_flow(folder: Path, steps: int, model) -> None:
+def lab_data_flow(folder: Path, steps: int, model) -> None:
     """The notebook: unpickle, float32 / 255, split with scikit-learn, fit on the arrays."""
     from sklearn.model_selection import train_test_split
 
@@ -71,7 +71,7 @@ def lab_flow(folder: Path, steps: int, model) -> None:
     )  # fmt: skip
 
 
-def fallopt_flow(folder: Path, steps: int, model) -> None:
+def fallopt_data_flow(folder: Path, steps: int, model) -> None:
     """fallopt: the cauca loader and splits, then the pipeline `train.fit` feeds Keras."""
     from fallopt.config import CaucaConfig
     from fallopt.data import load_dataset
@@ -117,7 +117,7 @@ def child(flow: str, folder: Path, steps: int) -> None:
     WARM_UP[flow](model)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     before = _status("VmRSS")
-    {"lab": lab_flow, "fallopt": fallopt_flow}[flow](folder, steps, model)
+    {"lab": lab_data_flow, "fallopt": fallopt_data_flow}[flow](folder, steps, model)
     print(json.dumps({"before": before, "peak": _status("VmHWM")}))
 
 

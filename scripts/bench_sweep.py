@@ -67,10 +67,11 @@ def lab(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         baseline = Path(tmp) / "baseline.h5"
         model.save(baseline)
-        representative = representative_images(data.train, 200, seed=0)
+        modes = args.modes.split(",")
+        representative = representative_images(data.train, 200, 0) if "int8" in modes else None
         accuracy = {}
         for sparsity in args.sparsities.split(","):
-            for mode in args.modes.split(","):
+            for mode in modes:
                 pruned = lab_flow.prune_and_fine_tune(
                     baseline, float(sparsity), x, data.train.y, val, args.fine_tune_epochs
                 )

@@ -115,6 +115,20 @@ class Sweep:
         return [r for r in runs if status is None or r.info.status == status]
 
 
+def fallopt_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`python -m fallopt.run ARGS` from the checkout, output captured, `env` added."""
+    return subprocess.run(
+        [sys.executable, "-m", "fallopt.run", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
 def multirun(
     tmp_path: Path,
     *overrides: str,
@@ -130,14 +144,7 @@ def multirun(
     uri = uri or f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     sweep_dir = tmp_path / name
     args = [*overrides, *TINY, f"tracking.uri={uri}", f"hydra.sweep.dir={sweep_dir}"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "fallopt.run", "-m", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "FALLOPT_CACHE": str(tmp_path / "cache"), **(env or {})},
-    )
+    proc = fallopt_cli("-m", *args, env={"FALLOPT_CACHE": str(tmp_path / "cache"), **(env or {})})
     assert proc.returncode == returncode, (proc.stdout + proc.stderr)[-4000:]
     return tracked(uri, sweep_dir, proc)
 

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from fallopt.cache import StageCache
 from fallopt.litert import TFLiteModel
 
-from .conftest import REPO, TINY, multirun
+from .conftest import REPO, TINY, fallopt_cli, multirun
 
 GRID = ["prune.sparsity=0.3,0.8", "quant=none,dynamic"]
 ARTIFACTS = ["config.yaml", "model.tflite", "confusion_matrix.json", "model/model.keras"]
@@ -137,14 +137,7 @@ def test_a_kill_at_a_chosen_stage_resumes_to_one_complete_run(tmp_path, stage, s
     assert ("model.tflite" in uploaded) == (stage[0] == "mlflow:log_artifact")  # where it landed
     assert "c_array" not in uploaded and "model" not in uploaded
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "fallopt.run", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    resumed = fallopt_cli(*args, env=env)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     client, runs = _store(tmp_path)
     status = {r.info.run_id: r.info.status for r in runs}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -16,7 +14,7 @@ from fallopt.config import config_hash, resolved_dict, validate
 from fallopt.data import load_dataset
 from fallopt.task import run_experiment
 
-from .conftest import REPO, TINY, cauca_dict, write_pickle
+from .conftest import TINY, cauca_dict, fallopt_cli, write_pickle
 
 
 def _run(compose_cfg, tmp_path, tracking_uri, *overrides):
@@ -195,13 +193,7 @@ def test_cauca_run_on_lab_format_pickles(compose_cfg, tmp_path, tracking_uri):
 def test_cli_runs_end_to_end(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     args = [*TINY, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path}/out"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "fallopt.run", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = fallopt_cli(*args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in ("[config]", "[data]", "[baseline]", "[prune]", "[evaluate]", "[size]", "[track]"):
         assert stage in proc.stdout

@@ -56,22 +56,20 @@ def lab(args: argparse.Namespace) -> None:
     import lab_flow
 
     from fallopt.backend import keras
-    from fallopt.compress.quantize import representative_images
 
     data = dataset(args)
-    x, val = data.train.x.astype("float32") / 255.0, (data.val.x.astype("float32") / 255.0,)
-    val = (val[0], data.val.y)
+    x = data.train.x.astype("float32") / 255.0  # the notebook's float32 copies
+    val = (data.val.x.astype("float32") / 255.0, data.val.y)
     keras().utils.set_random_seed(0)
     model = lab_flow.cauca_cnn(data.input_shape)
     lab_flow.fit(model, x, data.train.y, val, args.epochs)
     with tempfile.TemporaryDirectory() as tmp:
         baseline = Path(tmp) / "baseline.h5"
         model.save(baseline)
-        modes = args.modes.split(",")
-        representative = representative_images(data.train, 200, 0) if "int8" in modes else None
+        representative = data.train.x[:200]  # uint8: lab_flow.convert scales them
         accuracy = {}
         for sparsity in args.sparsities.split(","):
-            for mode in modes:
+            for mode in args.modes.split(","):
                 pruned = lab_flow.prune_and_fine_tune(
                     baseline, float(sparsity), x, data.train.y, val, args.fine_tune_epochs
                 )

@@ -8,6 +8,9 @@ ends (or the process exits after a job stopped it), the parent gets a CSV of the
 runs (those it ran and those it reused), the lab's plots, the best run by validation
 accuracy and, with two objectives, the Pareto-optimal runs tagged `fallopt.pareto=true`.
 The process then exits non-zero if any job failed or never reported.
+
+Hydra builds this callback for every run, sweep or not, so this module stays light: MLflow
+loads when a multirun starts, and the summary (`sweep_summary`) when it ends.
 """
 
 from __future__ import annotations

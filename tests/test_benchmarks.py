@@ -62,7 +62,7 @@ def test_tflite_eval_reports_every_mode_against_lab_and_raw_invoke():
 @pytest.mark.slow
 def test_sweep_runs_both_flows_over_the_grid():
     figures = _figures(
-        "bench_sweep.py", "--sparsities", "0.5", "--modes", "none,dynamic", "--image-size", "24",
+        "bench_sweep.py", "--sparsities", "0.5", "--modes", "none,dynamic", "--image-size", "48",
         "--n-train", "60", "--n-test", "20", "--epochs", "1", "--fine-tune-epochs", "1",
     )  # fmt: skip
     assert figures["sweep_speedup_over_lab"] > 0

@@ -27,6 +27,12 @@ GRID = ["prune.sparsity=0.3,0.8", "quant=none,dynamic"]
 ARTIFACTS = ["config.yaml", "model.tflite", "confusion_matrix.json", "model/model.keras"]
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    # A shell's background job (how CI may start us) inherits SIGINT ignored, and Python
+    # then never raises KeyboardInterrupt: restore the default a terminal's process has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(tmp_path: Path, name: str, *overrides: str) -> subprocess.Popen:
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     args = [*overrides, *TINY, f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/{name}"]
@@ -37,6 +43,7 @@ def _start(tmp_path: Path, name: str, *overrides: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "FALLOPT_CACHE": str(tmp_path / "cache")},
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
 
 
@@ -123,6 +130,7 @@ def test_a_kill_at_a_chosen_stage_resumes_to_one_complete_run(tmp_path, stage, s
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     deadline = time.time() + 300
     while not marker.exists():

@@ -57,6 +57,10 @@ class TFLiteModel:
         self.output = self.interpreter.get_output_details()[0]
         self._batch = 1
         self._table = self._input_table()
+        # The usual int8 input (scale 1/255, zero point -128) is v - 128: a bit flip.
+        self._flip = self.input_dtype == np.int8 and np.array_equal(
+            self._table, np.arange(-128, 128, dtype=np.int8)
+        )
 
     @property
     def input_dtype(self) -> type:
@@ -97,9 +101,7 @@ class TFLiteModel:
         target = self.interpreter.tensor(self.input["index"])()
         if self.input_dtype == np.float32:
             np.multiply(batch, np.float32(PIXEL_SCALE), out=target, dtype=np.float32)
-        elif self.input_dtype == np.int8 and np.array_equal(
-            self._table, np.arange(-128, 128, dtype=np.int8)
-        ):
+        elif self._flip:
             np.bitwise_xor(batch, np.uint8(128), out=target.view(np.uint8))
         else:
             np.take(self._table, batch, out=target)

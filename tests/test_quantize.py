@@ -64,6 +64,7 @@ def test_every_pixel_value_is_fed_as_training_normalised_it(files, mode):
     if mode is QuantMode.int8:  # an input quantized otherwise takes the general table path
         tflite._table = expected.reshape(-1).copy()
         tflite._table[0] = 5
+        tflite._flip = False
         tflite._fill_input(x)
         fed = tflite.interpreter.get_tensor(tflite.input["index"]).reshape(-1)
         assert fed[0] == 5 and np.array_equal(fed[1:], expected.reshape(-1)[1:])

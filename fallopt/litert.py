@@ -42,6 +42,13 @@ def _interpreter(content: bytes, threads: int, xnnpack: bool) -> Interpreter:
     )
 
 
+def _uint8(images: np.ndarray) -> np.ndarray:
+    # Inputs are mapped per pixel value: any other dtype would index or scale wrongly.
+    if images.dtype != np.uint8:
+        raise TypeError(f"expected uint8 images, got {images.dtype}")
+    return images
+
+
 class TFLiteModel:
     """A `.tflite` flatbuffer ready to predict class probabilities from uint8 images.
 
@@ -86,9 +93,7 @@ class TFLiteModel:
 
     def _quantize(self, x: np.ndarray) -> np.ndarray:
         """uint8 images as the model's input takes them (a new array)."""
-        if x.dtype != np.uint8:
-            raise TypeError(f"expected uint8 images, got {x.dtype}")
-        return self._table[x]
+        return self._table[_uint8(x)]
 
     def _fill_input(self, batch: np.ndarray) -> None:
         """Write `_quantize(batch)` straight into the input tensor, in one pass.
@@ -96,8 +101,7 @@ class TFLiteModel:
         A lookup per pixel costs about as much as a tenth of invoke; a multiply, or for the
         usual int8 input (v - 128) a bit flip, is several times cheaper.
         """
-        if batch.dtype != np.uint8:
-            raise TypeError(f"expected uint8 images, got {batch.dtype}")
+        _uint8(batch)
         target = self.interpreter.tensor(self.input["index"])()
         if self.input_dtype == np.float32:
             np.multiply(batch, np.float32(PIXEL_SCALE), out=target, dtype=np.float32)

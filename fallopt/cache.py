@@ -21,36 +21,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from fallopt.identity import digest, section
+
 log = logging.getLogger(__name__)
 
 # Bump whenever a stage changes what it produces or what its meta.json holds: old entries
 # would be reused as they are.
-STAGE_VERSION = 4
+STAGE_VERSION = 5
 
 
 def stage_key(kind: str, payload: dict[str, Any]) -> str:
     """A short, stable hash of a stage's inputs."""
-    blob = json.dumps({"kind": kind, "v": STAGE_VERSION, **payload}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest({"kind": kind, "v": STAGE_VERSION, **payload}, length=16)
 
 
-def baseline_key(fingerprint: str, classes: list[str], resolved: dict[str, Any], seed: int) -> str:
-    """The baseline stage's key: f(data, model, train, seed)."""
+def baseline_key(fingerprint: str, classes: list[str], model: Any, train: Any, seed: int) -> str:
+    """The baseline stage's key: f(data, model, train, seed), keys the options ignore left out."""
     return stage_key(
         "baseline",
         {
             "data": fingerprint,
             "classes": list(classes),
-            "model": resolved["model"],
-            "train": resolved["train"],
+            "model": section(model),
+            "train": section(train),
             "seed": seed,
         },
     )
 
 
-def pruned_key(base_key: str, resolved: dict[str, Any], seed: int) -> str:
+def pruned_key(base_key: str, prune: Any, train: Any, seed: int) -> str:
     """The pruned stage's key: f(baseline, prune, train, seed)."""
-    payload = {"baseline": base_key, "prune": resolved["prune"], "train": resolved["train"]}
+    payload = {"baseline": base_key, "prune": section(prune), "train": section(train)}
     return stage_key("pruned", {**payload, "seed": seed})
 
 

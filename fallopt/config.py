@@ -7,8 +7,6 @@ TensorFlow is imported, so a bad value costs a second, not a model build.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -19,11 +17,19 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
 from fallopt.errors import ConfigError
+from fallopt.identity import file_digest
 
 
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: {rule}")
+
+
+SEED_RANGE = 2**32  # numpy's and scikit-learn's seeds: 0 <= seed < 2**32
+
+
+def _check_seed(key: str, value: int) -> None:
+    _require(0 <= value < SEED_RANGE, key, value, f"must satisfy 0 <= {key} < 2**32")
 
 
 def _check_fraction(key: str, value: float, *, allow_zero: bool) -> None:
@@ -46,6 +52,13 @@ class DatasetConfig:
         if self.limit is not None:
             _require(self.limit >= 2, "dataset.limit", self.limit, "must be >= 2 (or null)")
 
+    def sources(self) -> dict[str, str]:
+        """Fingerprints of the data's origin besides these keys: file contents, versions.
+
+        They are part of a run's identity, so changed data is never skipped on resume.
+        """
+        return {}
+
 
 @dataclass
 class SyntheticFallsConfig(DatasetConfig):
@@ -61,11 +74,22 @@ class SyntheticFallsConfig(DatasetConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_seed("dataset.seed", self.seed)
         _require(self.image_size >= 8, "dataset.image_size", self.image_size, "must be >= 8")
         _require(self.channels in (1, 3), "dataset.channels", self.channels, "must be 1 or 3")
         for key in ("n_train", "n_test"):
             n = getattr(self, key)
             _require(n >= 10, f"dataset.{key}", n, "must be >= 10 (one image per activity)")
+
+    def ignored(self) -> set[str]:
+        """Where the images are cached does not change them."""
+        return {"cache_dir"}
+
+    def sources(self) -> dict[str, str]:
+        """The generator's version: a new drawing makes new images."""
+        from fallopt.data.synthetic_falls import GENERATOR_VERSION
+
+        return {"generator": str(GENERATOR_VERSION)}
 
 
 @dataclass
@@ -75,6 +99,14 @@ class CaucaConfig(DatasetConfig):
     name: str = "cauca"
     train_path: str = "data/cauca/data_train_96_96_3.pickle"
     test_path: str = "data/cauca/data_test_96_96_3.pickle"
+
+    def ignored(self) -> set[str]:
+        """Paths: the contents count (`sources`), so the same files moved are the same run."""
+        return {"train_path", "test_path"}
+
+    def sources(self) -> dict[str, str]:
+        """The pickles' contents: a new file at the same path is new data."""
+        return {"train": file_digest(self.train_path), "test": file_digest(self.test_path)}
 
 
 @dataclass
@@ -89,6 +121,14 @@ class HdsConfig(DatasetConfig):
         super().__post_init__()
         _check_fraction("dataset.test_split", self.test_split, allow_zero=False)
 
+    def ignored(self) -> set[str]:
+        """The path: the content counts (`sources`)."""
+        return {"path"}
+
+    def sources(self) -> dict[str, str]:
+        """The pickle's content."""
+        return {"data": file_digest(self.path)}
+
 
 @dataclass
 class DigitsConfig(DatasetConfig):
@@ -100,6 +140,12 @@ class DigitsConfig(DatasetConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_fraction("dataset.test_split", self.test_split, allow_zero=False)
+
+    def sources(self) -> dict[str, str]:
+        """The file scikit-learn ships the digits in."""
+        from importlib.resources import files
+
+        return {"data": file_digest(str(files("sklearn.datasets.data") / "digits.csv.gz"))}
 
 
 # --- model -----------------------------------------------------------------------------------
@@ -137,6 +183,10 @@ class ModelConfig:
         _require(self.kernel_size >= 1, "model.kernel_size", self.kernel_size, "must be >= 1")
         _require(self.pool_size >= 1, "model.pool_size", self.pool_size, "must be >= 1")
         _check_fraction("model.bn_momentum", self.bn_momentum, allow_zero=True)
+
+    def ignored(self) -> set[str]:
+        """Without BatchNorm there is no momentum."""
+        return {"bn_momentum"} if self.block_order is BlockOrder.conv_relu else set()
 
 
 # --- train, prune, quant, tracking -----------------------------------------------------------
@@ -210,6 +260,14 @@ class PruneConfig:
     # Steps between mask updates. tfmot's default of 100 never fires in a short fine-tune.
     frequency: int = 1
     m_by_n: list[int] | None = None
+
+    def ignored(self) -> set[str]:
+        """prune=none uses nothing but its method; constant sparsity has no curve."""
+        if self.method is PruneMethod.none:
+            return {f for f in self.__dataclass_fields__ if f != "method"}
+        if self.method is PruneMethod.constant:
+            return {"initial_sparsity", "power"}
+        return set()
 
     def __post_init__(self) -> None:
         _check_fraction("prune.sparsity", self.sparsity, allow_zero=True)
@@ -290,6 +348,15 @@ class QuantConfig:
         repeats = self.latency_repeats
         _require(repeats >= 1, "quant.latency_repeats", repeats, "must be >= 1")
 
+    def ignored(self) -> set[str]:
+        """Calibration images matter only to int8; the QAT fine-tune only to qat and pqat."""
+        ignored = set()
+        if self.mode is not QuantMode.int8:
+            ignored.add("representative_samples")
+        if self.mode not in (QuantMode.qat, QuantMode.pqat):
+            ignored.add("fine_tune_epochs")
+        return ignored
+
 
 @dataclass
 class TrackingConfig:
@@ -319,7 +386,7 @@ class FalloptConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
-    # How to run, not what: excluded from the config hash (see EXECUTION_KEYS).
+    # How to run, not what: excluded from the config hash (see identity.EXECUTION_KEYS).
     force: bool = False  # rerun even if this config already FINISHED in the experiment
     dry_run: bool = False  # list what would run and which stages it would reuse; no training
     keep_going: bool = True  # in a sweep, a failed job does not stop the others
@@ -329,6 +396,7 @@ class FalloptConfig:
     objectives: list[str] = field(default_factory=lambda: ["val_accuracy"])
 
     def __post_init__(self) -> None:
+        _check_seed("seed", self.seed)
         _require(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = automatic)")
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
         _require(not unknown and bool(self.objectives), "objectives", self.objectives,
@@ -345,12 +413,8 @@ OBJECTIVES: dict[str, bool] = {
     "tflite_latency_ms": False,
     "keras_gzip_bytes": False,
 }
-# Keys that say how to run rather than what: they do not change a run's identity.
-EXECUTION_KEYS = (
-    "tracking", "force", "dry_run", "keep_going", "threads", "objectives", "verbose"
-)  # fmt: skip
-
-
+# Objectives only two-class data sets have: refused before training on other data.
+BINARY_OBJECTIVES = ("tflite_test_fall_recall",)
 DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {
     "synthetic_falls": SyntheticFallsConfig,
     "cauca": CaucaConfig,
@@ -397,19 +461,9 @@ def validate(cfg: DictConfig) -> FalloptConfig:
     return typed
 
 
-def resolved_dict(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as plain containers (enums as their names)."""
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """A short hash of everything that determines a run's results (EXECUTION_KEYS excluded).
-
-    It is the run's identity: a sweep skips configs already FINISHED under the same hash.
-    """
-    content = {k: v for k, v in resolved_dict(cfg).items() if k not in EXECUTION_KEYS}
-    blob = json.dumps(content, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+def as_dict(cfg: FalloptConfig) -> dict[str, Any]:
+    """The typed config as plain containers (enums as their names), as the run uses it."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

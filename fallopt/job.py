@@ -1,6 +1,6 @@
 """One Hydra job's life in a run or a sweep: resume, dry-run, threads, keep-going, progress.
 
-A job is identified by its config hash (`config.config_hash`). Unless `force=true`, a job
+A job is identified by its config hash (`identity.config_hash`). Unless `force=true`, a job
 whose hash already FINISHED in the experiment is skipped and answers with that run's
 metrics, so re-running a sweep that died at job 37 redoes only what did not finish (FAILED,
 KILLED, or left RUNNING by a SIGKILL). `dry_run=true` prints what each job would do and
@@ -24,22 +24,16 @@ import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fallopt import track
 from fallopt.cache import baseline_key, pruned_key
-from fallopt.config import (
-    EXECUTION_KEYS,
-    FalloptConfig,
-    PruneMethod,
-    QuantMode,
-    TrackingConfig,
-    config_hash,
-)
-from fallopt.config import resolved_dict as to_resolved
+from fallopt.config import FalloptConfig, PruneMethod, QuantMode, TrackingConfig
 from fallopt.data import load_dataset
 from fallopt.errors import FalloptError
+from fallopt.identity import EXECUTION_KEYS, config_hash
 from fallopt.stage_store import stage_cache
 
 log = logging.getLogger("fallopt")
@@ -144,25 +138,69 @@ def finished_run(experiment_id: str, digest: str) -> Run | None:
     return runs[0] if runs else None
 
 
+_CUT = " [cut here; the run's tag fallopt.error and the job's log hold it whole]"
+
+
+def _record_json(value: dict[str, Any]) -> str:
+    """The record as JSON within MLflow's tag size, its long texts cut, never mid-JSON."""
+    for key in ("error", "overrides"):  # the error first: TensorFlow's run to pages
+        if len(json.dumps(value)) <= track.MAX_TAG:
+            break
+        # The longest prefix that fits; JSON escapes make characters count unevenly.
+        text, lo, hi = value[key], 0, len(value[key])
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            fits = len(json.dumps({**value, key: text[:mid] + _CUT})) <= track.MAX_TAG
+            lo, hi = (mid, hi) if fits else (lo, mid - 1)
+        value = {**value, key: text[:lo] + _CUT}
+    return json.dumps(value)
+
+
 def record(parent: str | None, job: Job, outcome: str, run_id: str | None, error: str = "") -> None:
-    """Record the job's outcome on the sweep's parent run (a no-op outside sweeps)."""
+    """Record the job's outcome on the sweep's parent run (a no-op outside sweeps).
+
+    A parent that cannot take it (deleted in the MLflow UI meanwhile) costs the record, not
+    the job: the sweep's close says so.
+    """
     if parent is None or job.num is None:
         return
     value = {"outcome": outcome, "run_id": run_id, "overrides": job.overrides, "error": error}
-    MlflowClient().set_tag(parent, f"{JOB_TAG}{job.num:05d}", json.dumps(value)[:5000])
+    try:
+        MlflowClient().set_tag(parent, f"{JOB_TAG}{job.num:05d}", _record_json(value))
+    except MlflowException as e:
+        log.warning(
+            "[%s] cannot record the outcome (%s) on the sweep's parent run %s: %s",
+            job.label, outcome, parent, e.message.splitlines()[0],
+        )  # fmt: skip
 
 
 def job_outcomes(client: MlflowClient, parent: str) -> dict[int, dict[str, Any]]:
-    """Outcomes the jobs recorded on the parent, by job number."""
-    tags = client.get_run(parent).data.tags
-    return {int(k[len(JOB_TAG) :]): json.loads(v) for k, v in tags.items() if k.startswith(JOB_TAG)}
+    """Outcomes the jobs recorded on the parent, by job number.
+
+    A record that is not valid JSON (written by an older fallopt, which cut long errors
+    mid-JSON) reads as a failure whose error says so, rather than breaking every reader.
+    """
+    outcomes = {}
+    for key, text in client.get_run(parent).data.tags.items():
+        if not key.startswith(JOB_TAG):
+            continue
+        try:
+            outcome = json.loads(text)
+        except json.JSONDecodeError:
+            outcome = {"outcome": "failed", "run_id": None, "overrides": "", "error": text}
+        outcomes[int(key[len(JOB_TAG) :])] = outcome
+    return outcomes
 
 
 def _progress(parent: str | None, job: Job, seconds: float) -> None:
     if parent is None or job.total is None:
         log.info("[%s] done in %.0f s", job.label, seconds)
         return
-    done = len(job_outcomes(MlflowClient(), parent))
+    try:
+        done = len(job_outcomes(MlflowClient(), parent))
+    except MlflowException as e:  # a progress line is not worth failing a finished job
+        log.info("[%s] done in %.0f s (progress unknown: %s)", job.label, seconds, e.message)
+        return
     elapsed = time.time() - float(os.environ.get(START_ENV, time.time() - seconds))
     left = elapsed / max(done, 1) * max(job.total - done, 0)
     log.info(
@@ -179,10 +217,15 @@ def _go_on(job: Job, keep_going: bool, error: Exception) -> None:
     """Re-raise a job's error, or in a sweep with keep_going, log it and answer None.
 
     None, not NaN: Optuna's sweeper records a trial that returns None as FAIL, but crashes
-    on NaN.
+    on NaN. With keep_going=false a sweep must stop: run.py turns a FalloptError into one
+    line and exit 2; any other error becomes exit 1 here, because Hydra records a job's
+    exception and launches the next job, and only an exit stops it.
     """
-    if job.num is None or not keep_going:
+    if job.num is None or (not keep_going and isinstance(error, FalloptError)):
         raise error
+    if not keep_going:
+        log.error("[%s] FAILED; keep_going=false stops the sweep", job.label, exc_info=error)
+        raise SystemExit(1) from error
     log.error("[%s] FAILED: %s; the sweep goes on (keep_going=false stops it)", job.label, error)
     if not isinstance(error, FalloptError):  # a bug, not bad input: keep the trace
         log.error("[%s] traceback", job.label, exc_info=error)
@@ -204,13 +247,13 @@ def run_job(cfg: FalloptConfig, hydra_cfg: DictConfig) -> float | list[float] | 
     """Run one job: skip it if done, plan it if dry, else run the experiment and record it."""
     job = current_job()
     cfg.tracking.run_name = cfg.tracking.run_name or job.overrides or None
-    resolved, digest = to_resolved(hydra_cfg), config_hash(hydra_cfg)
+    digest = config_hash(cfg)
     experiment_id = track.connect(cfg.tracking)
     done = None if cfg.force else finished_run(experiment_id, digest)
     if cfg.dry_run:
-        dry_run(cfg, job, resolved, done)
+        dry_run(cfg, job, done)
         return objectives(cfg.objectives, {})
-    for run_id in track.reap_dead_runs(experiment_id, {"fallopt.config_hash": digest}):
+    for run_id in track.reap_dead_runs(experiment_id):
         log.info("[%s] run %s was left RUNNING by a dead process: now KILLED", job.label, run_id)
     parent = parent_run_id(job, experiment_id)
     if done is not None:
@@ -228,19 +271,14 @@ def run_job(cfg: FalloptConfig, hydra_cfg: DictConfig) -> float | list[float] | 
     start = time.time()
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        metrics = run_experiment(cfg, resolved, digest, output_dir, parent)
+        metrics = run_experiment(cfg, digest, output_dir, parent)
     except Exception as e:
         run = mlflow.last_active_run()
         failed = (
             run.info.run_id if run and run.data.tags.get("fallopt.config_hash") == digest else None
         )
         record(parent, job, "failed", failed, f"{type(e).__name__}: {e}")
-        if job.num is None or not cfg.keep_going:
-            raise
-        log.error("[%s] FAILED: %s; the sweep goes on (keep_going=false stops it)", job.label, e)
-        if not isinstance(e, FalloptError):
-            log.debug("traceback", exc_info=True)
-        return objectives(cfg.objectives, {})
+        return _go_on(job, cfg.keep_going, e)
     run_id = mlflow.last_active_run().info.run_id
     MlflowClient().set_tag(run_id, "fallopt.threads", str(threads))
     record(parent, job, "finished", run_id)
@@ -248,7 +286,7 @@ def run_job(cfg: FalloptConfig, hydra_cfg: DictConfig) -> float | list[float] | 
     return objectives(cfg.objectives, metrics)
 
 
-def dry_run(cfg: FalloptConfig, job: Job, resolved: dict[str, Any], done: Run | None) -> None:
+def dry_run(cfg: FalloptConfig, job: Job, done: Run | None) -> None:
     """Print what the job would do: skip (and why) or run, and which stages it would reuse.
 
     Loads the data (to hash it, as the stage keys do) but imports no TensorFlow.
@@ -260,10 +298,12 @@ def dry_run(cfg: FalloptConfig, job: Job, resolved: dict[str, Any], done: Run | 
     data = load_dataset(cfg.dataset, cfg.train.val_split, cfg.seed)
     cache = stage_cache(cfg.tracking)
     keys = {
-        "baseline": baseline_key(data.fingerprint(), list(data.class_names), resolved, cfg.seed)
+        "baseline": baseline_key(
+            data.fingerprint(), list(data.class_names), cfg.model, cfg.train, cfg.seed
+        )
     }
     if cfg.prune.method is not PruneMethod.none:
-        keys["pruned"] = pruned_key(keys["baseline"], resolved, cfg.seed)
+        keys["pruned"] = pruned_key(keys["baseline"], cfg.prune, cfg.train, cfg.seed)
     plan = []
     for kind, key in keys.items():
         status = cache.status(kind, key)

@@ -78,9 +78,12 @@ def confusion_matrix_png(
 
 
 def training_curves_png(
-    history: dict[str, list[float]], path: Path, fine_tune_from: int | None = None
+    history: dict[str, list[float]], path: Path, phases: dict[str, int] | None = None
 ) -> Path:
-    """Loss and accuracy per epoch, train against validation; fine-tune epochs marked."""
+    """Loss and accuracy per epoch, train against validation.
+
+    `phases` marks where each fine-tune starts: its label and its first epoch (1-based).
+    """
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history["loss"]) + 1)
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
@@ -88,8 +91,8 @@ def training_curves_png(
         if f"val_{metric}" in history:
             ax.plot(epochs, history[f"val_{metric}"], "s--", label="validation")
         ax.set_xticks(epochs)
-        if fine_tune_from is not None:
-            ax.axvline(fine_tune_from - 0.5, color="grey", linestyle=":", label="fine-tune starts")
+        for (label, first), style in zip((phases or {}).items(), (":", "-."), strict=False):
+            ax.axvline(first - 0.5, color="grey", linestyle=style, label=f"{label} starts")
         ylabel = "cross-entropy loss" if metric == "loss" else "accuracy (fraction correct)"
         style_axes(ax, "epoch", ylabel, f"{metric} per epoch")
     return save_figure(fig, path)

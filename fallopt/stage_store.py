@@ -33,6 +33,8 @@ class MlflowStageStore:
         self.experiment = f"{tracking.experiment}.stages"
         self._experiment_id = track.connect(tracking, self.experiment)
         self._client = MlflowClient(tracking.uri)
+        for run_id in track.reap_dead_runs(self._experiment_id):
+            log.info("[cache] upload %s was left RUNNING by a killed process: KILLED", run_id)
 
     def _run_id(self, name: str) -> str | None:
         runs = track.find_runs(self._experiment_id, {STAGE_TAG: name}, status="FINISHED")
@@ -56,7 +58,9 @@ class MlflowStageStore:
     def publish(self, name: str, src: Path) -> None:
         """Upload a complete entry; the run is FINISHED only once every file is there."""
         run = self._client.create_run(
-            self._experiment_id, run_name=name, tags={STAGE_TAG: name, "fallopt.role": "stage"}
+            self._experiment_id,
+            run_name=name,
+            tags={STAGE_TAG: name, "fallopt.role": "stage", **track.owner_tags()},
         )
         status = "FAILED"
         try:

@@ -8,6 +8,7 @@ a stage reuses it. Each stage's model is a `.keras` file without optimizer state
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,16 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
 REFERENCE_TFLITE = "float32.tflite"  # the baseline as float32 TFLite: the reference for ratios
+
+
+def training_threads() -> int:
+    """TensorFlow's intra-op threads: results differ in their last digits between counts.
+
+    Stages are reused across thread counts (README, "Reproducibility"), so each records its own.
+    """
+    import tensorflow as tf
+
+    return tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,6 @@ def baseline(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     seed: int,
-    resolved: dict[str, Any],
     on_epoch_end: EpochHook | None = None,
 ) -> StageResult:
     """Train the baseline (or reuse it) and record what every run compares against.
@@ -71,7 +81,7 @@ def baseline(
     Besides the model: its test metrics, non-zero parameter count and float32 TFLite file,
     computed once per baseline rather than once per run.
     """
-    key = baseline_key(data.fingerprint(), list(data.class_names), resolved, seed)
+    key = baseline_key(data.fingerprint(), list(data.class_names), model_cfg, train_cfg, seed)
 
     def build(out: Path) -> dict[str, Any]:
         seed_everything(seed)
@@ -86,6 +96,7 @@ def baseline(
             "nonzero_params": nonzero_params(model),
             "test_accuracy": test.accuracy,
             "test_loss": test.loss,
+            "threads": training_threads(),
         }
 
     entry, reused = cache.get_or_build("baseline", key, build)
@@ -100,11 +111,10 @@ def pruned(
     schedule: Schedule,
     train_cfg: TrainConfig,
     seed: int,
-    resolved: dict[str, Any],
     on_epoch_end: EpochHook | None = None,
 ) -> StageResult:
     """Prune and fine-tune the baseline (or reuse the result); sparsity is verified inside."""
-    key = pruned_key(base.entry.meta["key"], resolved, seed)
+    key = pruned_key(base.entry.meta["key"], prune_cfg, train_cfg, seed)
 
     def build(out: Path) -> dict[str, Any]:
         seed_everything(seed)
@@ -123,6 +133,7 @@ def pruned(
             "history": result.history,
             "sparsity_achieved": overall_sparsity(result.layers),
             "layers": [asdict(layer) | {"sparsity": layer.sparsity} for layer in result.layers],
+            "threads": training_threads(),
         }
 
     entry, reused = cache.get_or_build("pruned", key, build)

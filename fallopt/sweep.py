@@ -94,8 +94,8 @@ class SweepRecord(Callback):
         self._out_dir = Path(config.hydra.sweep.dir)
         self._objectives = list(config.objectives)
         overrides = " ".join(config.hydra.overrides.task)
-        for run_id in track.reap_dead_runs(experiment_id, {"fallopt.role": "sweep"}):
-            log.info("[sweep] sweep %s was left RUNNING by a killed process: marked KILLED", run_id)
+        for run_id in track.reap_dead_runs(experiment_id):
+            log.info("[sweep] run %s was left RUNNING by a killed process: marked KILLED", run_id)
         tags = {"fallopt.role": "sweep", SWEEP_DIR_TAG: str(config.hydra.sweep.dir)}
         tags["fallopt.sweep_path"] = str(self._out_dir.resolve())
         tags.update(track.owner_tags())
@@ -118,16 +118,44 @@ class SweepRecord(Callback):
             raise SystemExit(EXIT_SWEEP_INCOMPLETE)
 
     def _close(self, status: str) -> None:
+        """Summarize and end the parent run; never raises, since it also runs at exit.
+
+        Any failure (of the summary, or a parent deleted in the MLflow UI meanwhile) ends the
+        parent FAILED with the error, and the sweep exits non-zero.
+        """
         if self._parent is None or self._client is None:
             return
+        from mlflow.exceptions import MlflowException
+
         from fallopt.job import PARENT_ENV, START_ENV, TOTAL_ENV
         from fallopt.sweep_summary import summarize
 
         parent, self._parent = self._parent, None
         for name in (PARENT_ENV, START_ENV, TOTAL_ENV):
             os.environ.pop(name, None)
+        self._failed = True  # unless the summary says every job finished
+        try:
+            deleted = self._client.get_run(parent).info.lifecycle_stage == "deleted"
+        except MlflowException:
+            deleted = False  # unreadable: the summary below fails and says why
+        if deleted:
+            log.error(
+                "[sweep] the sweep's parent run %s was deleted while the sweep ran, and with "
+                "it the jobs' records: no summary. The jobs' own runs are still in the "
+                "experiment (tag mlflow.parentRunId = %s)",
+                parent, parent,
+            )  # fmt: skip
+            return
+        error = None
         try:
             complete = summarize(self._client, parent, self._out_dir, self._total, self._objectives)
             self._failed = not complete
-        finally:
-            self._client.set_terminated(parent, status if complete else "FAILED")
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            log.error("[sweep] cannot summarize the sweep: %s", error, exc_info=e)
+        try:
+            if error:
+                self._client.set_tag(parent, "fallopt.error", error[:5000])
+            self._client.set_terminated(parent, "FAILED" if self._failed else status)
+        except MlflowException as e:
+            log.error("[sweep] cannot end the parent run %s: %s", parent, e.message)

@@ -19,13 +19,16 @@ from fallopt.plots import sweep_plots
 
 log = logging.getLogger("fallopt.sweep")
 
-COLUMNS = [
-    "prune.method", "prune.sparsity", "prune.scope", "model.name", "model.width", "quant.mode",
+SETTINGS = ["prune.method", "prune.sparsity", "prune.scope", "model.name", "model.width",
+            "quant.mode"]  # fmt: skip
+# Every objective a sweeper may be given is a column, so every accepted one is summarizable.
+METRICS = list(dict.fromkeys([
     "train_accuracy", "val_accuracy", "test_accuracy", "test_fall_recall",
     "sparsity_achieved", "keras_size_bytes", "keras_gzip_bytes", "nonzero_params",
     "gzip_ratio_to_baseline", "baseline_keras_gzip_bytes", "tflite_test_accuracy",
-    "tflite_gzip_bytes", "tflite_latency_ms",
-]  # fmt: skip
+    "tflite_gzip_bytes", "tflite_latency_ms", *OBJECTIVES,
+]))  # fmt: skip
+COLUMNS = SETTINGS + METRICS
 
 
 def sweep_table(client: MlflowClient, outcomes: dict[int, dict[str, Any]]) -> pd.DataFrame:
@@ -42,7 +45,7 @@ def sweep_table(client: MlflowClient, outcomes: dict[int, dict[str, Any]]) -> pd
         rows.append(row)
     head = ["job", "outcome", "run_id", "run_name", "status", "overrides", "error"]
     table = pd.DataFrame(rows, columns=[*head, *COLUMNS])
-    for column in COLUMNS[6:] + ["prune.sparsity", "model.width"]:
+    for column in [*METRICS, "prune.sparsity", "model.width"]:
         table[column] = pd.to_numeric(table[column])
     return table
 

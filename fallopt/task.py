@@ -17,7 +17,7 @@ import fallopt
 from fallopt import stages, timing, track
 from fallopt.backend import keras
 from fallopt.cache import StageCache
-from fallopt.compress.prune import select_layers
+from fallopt.compress.prune import check_m_by_n, select_layers
 from fallopt.compress.quantize import (
     AWARE,
     check_quantizable,
@@ -26,8 +26,16 @@ from fallopt.compress.quantize import (
     representative_images,
 )
 from fallopt.compress.schedule import Schedule, plan_schedule
-from fallopt.config import FalloptConfig, PruneMethod, QuantMode, flatten
+from fallopt.config import (
+    BINARY_OBJECTIVES,
+    FalloptConfig,
+    PruneMethod,
+    QuantMode,
+    as_dict,
+    flatten,
+)
 from fallopt.data import Dataset, load_dataset
+from fallopt.errors import ConfigError
 from fallopt.evaluate import Evaluation, evaluate_keras, evaluate_probabilities
 from fallopt.export import c_array
 from fallopt.litert import TFLiteModel, host_cpu
@@ -47,6 +55,12 @@ def _preflight(cfg: FalloptConfig, data: Dataset) -> tuple[Schedule | None, np.n
 
     Returns the pruning schedule (None for prune=none) and the int8 calibration images.
     """
+    binary_only = [name for name in cfg.objectives if name in BINARY_OBJECTIVES]
+    if binary_only and data.num_classes != 2:
+        raise ConfigError(
+            f"objectives={cfg.objectives} names {binary_only}, which only two-class data sets "
+            f"have; {data.name} has {data.num_classes} classes. Choose other objectives"
+        )
     model = build_model(cfg.model, data.input_shape, data.num_classes)  # checks the shape
     if cfg.quant.mode in AWARE:
         check_quantizable(model, cfg.quant.mode)
@@ -55,10 +69,18 @@ def _preflight(cfg: FalloptConfig, data: Dataset) -> tuple[Schedule | None, np.n
         representative = representative_images(
             data.train, cfg.quant.representative_samples, cfg.seed
         )
+        if len(representative) < cfg.quant.representative_samples:
+            log.warning(
+                "[quant] quant.representative_samples=%d but the training split has %d images: "
+                "int8 is calibrated on all %d",
+                cfg.quant.representative_samples, len(data.train), len(representative),
+            )  # fmt: skip
     if cfg.prune.method is PruneMethod.none:
         return None, representative
     schedule = plan_schedule(cfg.prune, steps_per_epoch(len(data.train), cfg.train.batch_size))
-    select_layers(model, cfg.prune.scope)
+    layers = select_layers(model, cfg.prune.scope)
+    if cfg.prune.m_by_n is not None:
+        check_m_by_n(model, layers, cfg.prune.m_by_n)
     return schedule, representative
 
 
@@ -99,15 +121,17 @@ def _size_metrics(base: stages.StageResult, final: stages.StageResult, model: An
 
 
 def _baseline(
-    cfg: FalloptConfig, cache: StageCache, data: Dataset, resolved: dict[str, Any]
+    cfg: FalloptConfig, cache: StageCache, data: Dataset
 ) -> tuple[stages.StageResult, dict[str, float]]:
-    base = stages.baseline(
-        cache, data, cfg.model, cfg.train, cfg.seed, resolved, track.epoch_logger(1)
-    )
+    base = stages.baseline(cache, data, cfg.model, cfg.train, cfg.seed, track.epoch_logger(1))
     if base.reused:  # streamed while training; replayed so every run shows its curves
         track.log_history(base.history, first_step=1)
     track.set_tags(
-        {"fallopt.stage.baseline": base.status, "fallopt.baseline_key": base.entry.meta["key"]}
+        {
+            "fallopt.stage.baseline": base.status,
+            "fallopt.baseline_key": base.entry.meta["key"],
+            "fallopt.baseline_threads": str(base.entry.meta["threads"]),
+        }
     )
     metrics = {
         "baseline_train_accuracy": base.history["accuracy"][-1],
@@ -132,16 +156,15 @@ def _prune(
     data: Dataset,
     base: stages.StageResult,
     schedule: Schedule,
-    resolved: dict[str, Any],
     output_dir: Path,
 ) -> tuple[stages.StageResult, dict[str, float]]:
     first = cfg.train.epochs + 1  # fine-tune epochs continue the run's epoch count
     pruned = stages.pruned(
-        cache, data, base, cfg.prune, schedule, cfg.train, cfg.seed, resolved,
-        track.epoch_logger(first),
-    )  # fmt: skip
+        cache, data, base, cfg.prune, schedule, cfg.train, cfg.seed, track.epoch_logger(first)
+    )
     if pruned.reused:
         track.log_history(pruned.history, first_step=first)
+    track.set_tags({"fallopt.pruned_threads": str(pruned.entry.meta["threads"])})
     layers = pruned.entry.meta["layers"]
     track.log_artifacts([_sparsity_table(layers, output_dir / "sparsity_per_layer.csv")])
     metrics = {"sparsity_achieved": pruned.entry.meta["sparsity_achieved"]}
@@ -201,17 +224,23 @@ def _quantize(
     keras_eval: Evaluation,
     representative: np.ndarray | None,
     output_dir: Path,
-) -> dict[str, float]:
-    """Convert the final model, evaluate exactly that file with LiteRT, log it and its C array."""
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Convert the final model, evaluate exactly that file with LiteRT, log it and its C array.
+
+    Returns the metrics and the history of the quantization-aware fine-tune (empty without).
+    """
     q = cfg.quant
+    history: dict[str, list[float]] = {}
+    source_eval = keras_eval  # of the Keras model the .tflite is converted from
     if q.mode in AWARE:
         epochs_so_far = cfg.train.epochs + (
             cfg.prune.fine_tune_epochs if cfg.prune.method is not PruneMethod.none else 0
         )
-        model = quantization_aware_fine_tune(
+        model, history = quantization_aware_fine_tune(
             final.model_file, q.mode, data.train, data.val, cfg.train, q.fine_tune_epochs,
             cfg.seed, track.epoch_logger(epochs_so_far + 1),
         )  # fmt: skip
+        source_eval = evaluate_keras(model, data.test)
     else:
         model = final_model
     content = convert(model, q.mode, representative, q.sparse_weights)
@@ -232,11 +261,13 @@ def _quantize(
             "tflite_size_ratio_to_baseline": size.raw_bytes / reference.raw_bytes,
             "tflite_gzip_ratio_to_baseline": size.gzip_bytes / reference.gzip_bytes,
             "tflite_sparsity": tflite.weight_sparsity(),
-            "tflite_disagreement": float(np.mean(evaluation.predictions != keras_eval.predictions)),
+            "tflite_disagreement": float(np.mean(evaluation.predictions != source_eval.predictions)),
             "tflite_latency_ms": tflite.latency_ms(data.test.x[0], q.latency_repeats),
             "tflite_throughput_ips": len(data.test) / seconds,  # the evaluation pass itself
         }
     )
+    if representative is not None:
+        metrics["representative_samples_used"] = len(representative)
     cm_json = output_dir / "tflite_confusion_matrix.json"
     cm_json.write_text(json.dumps(evaluation.confusion.tolist()))
     c_dir = output_dir / "c_array"
@@ -265,7 +296,7 @@ def _quantize(
         metrics["tflite_latency_ms"],
         host_cpu(),
     )
-    return metrics
+    return metrics, history
 
 
 def _log_figures(
@@ -273,17 +304,42 @@ def _log_figures(
     data: Dataset,
     evaluation: Evaluation,
     history: dict[str, list[float]],
-    fine_tune_from: int | None,
+    phases: dict[str, int],
     output_dir: Path,
 ) -> None:
     cm_json = output_dir / "confusion_matrix.json"
     cm_json.write_text(json.dumps(evaluation.confusion.tolist()))
-    title = f"{cfg.model.name} on {data.name}\ntest set, accuracy {evaluation.accuracy:.1%}"
+    title = (
+        f"{cfg.model.name} on {data.name}\n"
+        f"{SIZE_FILE} on the test set, accuracy {evaluation.accuracy:.1%}"
+    )
     cm_png = confusion_matrix_png(
         evaluation.confusion, data.class_names, output_dir / "confusion_matrix.png", title
     )
-    curves = training_curves_png(history, output_dir / "training_curves.png", fine_tune_from)
+    curves = training_curves_png(history, output_dir / "training_curves.png", phases)
     track.log_artifacts([cm_json, cm_png, curves])
+
+
+def _figures_tag(cfg: FalloptConfig) -> str:
+    """Which model each logged figure describes (tag `fallopt.figures`)."""
+    before_qat = ", before quantization-aware training" if cfg.quant.mode in AWARE else ""
+    last = "the quantization-aware fine-tune's" if cfg.quant.mode in AWARE else "the"
+    return (
+        f"test_*, keras_*, confusion_matrix.*: {SIZE_FILE} (the final Keras model{before_qat}); "
+        "tflite_*: model.tflite; baseline_*: the baseline before pruning; train_* and val_*: "
+        f"{last} last training epoch"
+    )
+
+
+def _one_class(evaluation: Evaluation, class_names: tuple[str, ...], what: str) -> str | None:
+    """A warning when a model predicts a single class for every test image."""
+    predicted = np.unique(evaluation.predictions)
+    if len(predicted) != 1 or len(class_names) < 2:
+        return None
+    return (
+        f"{what} predicts {class_names[predicted[0]]!r} for every test image: its accuracy "
+        "is that class's share, it has learned nothing"
+    )
 
 
 def _log_time(run_seconds: float) -> None:
@@ -299,7 +355,6 @@ def _log_time(run_seconds: float) -> None:
 
 def run_experiment(
     cfg: FalloptConfig,
-    resolved: dict[str, Any],
     config_hash: str,
     output_dir: Path,
     parent_run_id: str | None = None,
@@ -308,7 +363,8 @@ def run_experiment(
 
     Data, shapes, the pruning schedule and scope are checked, and the tracking store opened,
     before the MLflow run starts, so bad input leaves no run behind. Once started, the run
-    always ends FINISHED, FAILED or KILLED. Returns the logged summary metrics.
+    always ends FINISHED, FAILED or KILLED. Returns the run's final metrics, equal to the
+    latest values it logged (so a sweeper sees the same objectives fresh or resumed).
     """
     start = time.perf_counter()
     timing.reset()
@@ -326,11 +382,13 @@ def run_experiment(
         "fallopt.model": cfg.model.name,
         "fallopt.classes": ",".join(data.class_names),
         "fallopt.size_file": f"{SIZE_FILE}: final model, pruning stripped, no optimizer state",
+        "fallopt.figures": _figures_tag(cfg),
         **track.owner_tags(),
     }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_name = cfg.tracking.run_name or f"{cfg.model.name} on {data.name}"
+    resolved = as_dict(cfg)  # as it runs: e.g. quant.threads after the cap for parallel jobs
     with track.tracked_run(experiment_id, run_name, tags) as run_id:
         track.log_params(flatten(resolved))
         config_file = output_dir / "config.yaml"
@@ -339,23 +397,31 @@ def run_experiment(
         counts = {"n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test)}
 
         cache = stage_cache(cfg.tracking)
-        base, summary = _baseline(cfg, cache, data, resolved)
-        final, history, fine_tune_from = base, base.history, None
+        base, summary = _baseline(cfg, cache, data)
+        final, history, phases = base, base.history, {}
         if schedule is not None:
-            final, prune_metrics = _prune(cfg, cache, data, base, schedule, resolved, output_dir)
+            final, prune_metrics = _prune(cfg, cache, data, base, schedule, output_dir)
             summary.update(prune_metrics)
             history = {k: base.history[k] + final.history[k] for k in base.history}
-            fine_tune_from = cfg.train.epochs + 1
+            phases["pruning fine-tune"] = cfg.train.epochs + 1
         track.set_tags({"fallopt.stage.prune": final.status if schedule else "none"})
 
         model, evaluation, final_metrics = _evaluate(cfg, data, base, final)
         summary.update(final_metrics)
-        summary.update(
-            _quantize(cfg, data, base, final, model, evaluation, representative, output_dir)
+        quant_metrics, qat_history = _quantize(
+            cfg, data, base, final, model, evaluation, representative, output_dir
         )
+        summary.update(quant_metrics)
+        if qat_history:
+            phases["quantization-aware fine-tune"] = len(history["loss"]) + 1
+            history = {k: history[k] + qat_history[k] for k in history}
+        warning = _one_class(evaluation, data.class_names, SIZE_FILE)
+        if warning:
+            log.warning("[evaluate] %s", warning)
+            track.set_tags({"fallopt.warning": warning})
         # train_/val_ accuracy and loss were logged epoch by epoch; the rest once.
         track.log_metrics({**summary, **counts})
-        _log_figures(cfg, data, evaluation, history, fine_tune_from, output_dir)
+        _log_figures(cfg, data, evaluation, history, phases, output_dir)
         track.log_artifacts([final.model_file], "model")
         _log_time(time.perf_counter() - start)
         log.info(
@@ -364,9 +430,5 @@ def run_experiment(
             cfg.tracking.experiment,
             cfg.tracking.uri,
         )
-    return {
-        **summary,
-        **counts,
-        "train_accuracy": history["accuracy"][-1],
-        "val_accuracy": history["val_accuracy"][-1],
-    }
+    last_epoch = {track.metric_name(k): v[-1] for k, v in history.items()}
+    return {**summary, **counts, **last_epoch}

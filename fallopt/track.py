@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import socket
 import urllib.error
 import urllib.request
@@ -16,6 +18,7 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from fallopt import interrupt
 from fallopt.config import TrackingConfig
 from fallopt.errors import FalloptError
 
@@ -23,7 +26,7 @@ from fallopt.errors import FalloptError
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 _SQLITE = "sqlite:///"
-_MAX_TAG = 5000
+MAX_TAG = 5000  # characters fallopt writes into one tag (MLflow takes 8,000)
 
 
 class TrackingError(FalloptError):
@@ -80,6 +83,14 @@ def _create_sqlite_store(db: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def path_component(name: str) -> str:
+    """`name` as one safe folder name: an experiment called `../../x` stays inside the store."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".")
+    if safe == name:
+        return name
+    return f"{safe or 'experiment'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
 def connect(cfg: TrackingConfig, experiment: str | None = None) -> str:
     """Point MLflow at `cfg.uri` and return the id of an experiment, creating both if needed.
 
@@ -97,7 +108,7 @@ def connect(cfg: TrackingConfig, experiment: str | None = None) -> str:
             raise TrackingError(f"tracking.uri={cfg.uri}: cannot create {db.parent}: {e}") from None
         artifact_location = artifact_location or (db.parent / "artifacts").resolve().as_uri()
     if artifact_location and experiment:
-        artifact_location = f"{artifact_location.rstrip('/')}/{experiment}"
+        artifact_location = f"{artifact_location.rstrip('/')}/{path_component(experiment)}"
     if db is not None and not db.exists():
         _create_sqlite_store(db)
     if cfg.uri.startswith(("http://", "https://")):
@@ -149,18 +160,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def reap_dead_runs(experiment_id: str, tags: dict[str, str]) -> list[str]:
-    """Mark KILLED the RUNNING runs with `tags` whose writer, on this host, has died.
+def reap_dead_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the experiment's RUNNING runs whose writer, on this host, has died.
 
-    A SIGKILLed process cannot end its run; this is how it stops showing as RUNNING. Runs
-    written from other hosts are left alone: their writers cannot be checked from here.
+    A SIGKILLed process cannot end its runs (a job's, a sweep's parent, a stage upload); this
+    is how they stop showing as RUNNING. Runs written from other hosts are left alone: their
+    writers cannot be checked from here.
     """
     reaped = []
-    for run in find_runs(experiment_id, tags, status="RUNNING"):
-        t = run.data.tags
-        if t.get("fallopt.host") != socket.gethostname() or not t.get("fallopt.pid", "").isdigit():
-            continue
-        if not _alive(int(t["fallopt.pid"])):
+    for run in find_runs(experiment_id, {"fallopt.host": socket.gethostname()}, "RUNNING"):
+        pid = run.data.tags.get("fallopt.pid", "")
+        if pid.isdigit() and not _alive(int(pid)):
             client = mlflow.MlflowClient()
             client.set_tag(run.info.run_id, "fallopt.error", "its process died (killed)")
             client.set_terminated(run.info.run_id, "KILLED")
@@ -173,17 +183,20 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) 
     """Run the body inside an MLflow run and yield its id.
 
     The run ends FINISHED on success, KILLED on Ctrl-C and FAILED on any error (with the error
-    as tag `fallopt.error`): it is never left RUNNING.
+    as tag `fallopt.error`): it is never left RUNNING. A Ctrl-C that some library swallowed
+    still ends it KILLED (see `interrupt`).
     """
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     try:
+        interrupt.check()
         yield run.info.run_id
+        interrupt.check()
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         raise
     except BaseException as e:
         try:
-            mlflow.set_tag("fallopt.error", f"{type(e).__name__}: {e}"[:_MAX_TAG])
+            mlflow.set_tag("fallopt.error", f"{type(e).__name__}: {e}"[:MAX_TAG])
         finally:
             mlflow.end_run("FAILED")
         raise
@@ -200,9 +213,13 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics(metrics, step=step)
 
 
+def metric_name(keras_name: str) -> str:
+    """Keras' history name as logged: loss -> train_loss, accuracy -> train_accuracy."""
+    return keras_name if keras_name.startswith("val_") else f"train_{keras_name}"
+
+
 def _as_metrics(logs: dict[str, float]) -> dict[str, float]:
-    # Keras names: loss -> train_loss, accuracy -> train_accuracy; val_* keep their names.
-    return {k if k.startswith("val_") else f"train_{k}": v for k, v in logs.items()}
+    return {metric_name(k): v for k, v in logs.items()}
 
 
 def epoch_logger(first_step: int) -> Callable[[int, dict[str, float]], None]:

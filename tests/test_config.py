@@ -16,10 +16,10 @@ from fallopt.config import (
     FalloptConfig,
     HdsConfig,
     SyntheticFallsConfig,
-    config_hash,
     flatten,
     validate,
 )
+from fallopt.identity import config_hash, file_digest
 
 from .conftest import CONF, REPO
 
@@ -86,6 +86,9 @@ def test_user_keys_are_overridable(compose_cfg):
         ("prune.scope='conv('", "neither one of"),
         ("prune.m_by_n=[2,4];prune.sparsity=0.3", "set prune.sparsity=0.5"),
         ("prune.m_by_n=[4,2];prune.sparsity=0.5", "0 < m < n"),
+        ("seed=-1", "seed=-1 is invalid: must satisfy 0 <= seed < 2**32"),
+        ("seed=4294967296", "seed=4294967296 is invalid"),
+        ("dataset.seed=-1", "dataset.seed=-1 is invalid"),
     ],
 )
 def test_bad_values_name_the_key(compose_cfg, override, message):
@@ -108,11 +111,76 @@ def test_unknown_key_or_wrong_type_fails_composition(compose_cfg, override):
         compose_cfg(override)
 
 
+def _hash(compose_cfg, *overrides: str) -> str:
+    return config_hash(validate(compose_cfg(*overrides)))
+
+
 def test_config_hash_ignores_tracking_but_not_results(compose_cfg):
-    base = config_hash(compose_cfg())
-    assert base == config_hash(compose_cfg("tracking.experiment=other"))
-    assert base != config_hash(compose_cfg("train.epochs=6"))
+    base = _hash(compose_cfg)
+    assert base == _hash(compose_cfg, "tracking.experiment=other")
+    assert base == _hash(compose_cfg, "threads=1")  # see README, Reproducibility
+    assert base != _hash(compose_cfg, "train.epochs=6")
     assert len(base) == 12
+
+
+@pytest.mark.parametrize(
+    ("option", "ignored"),
+    [
+        (["quant=dynamic"], ["quant.fine_tune_epochs=3"]),  # no QAT fine-tune in dynamic range
+        (["quant=dynamic"], ["quant.representative_samples=7"]),  # no calibration either
+        (["prune=none"], ["prune.scope=conv", "prune.fine_tune_epochs=5", "prune.power=1"]),
+        ([], ["prune.power=2", "prune.initial_sparsity=0.3"]),  # constant sparsity: no curve
+        ([], ["dataset.cache_dir=/elsewhere"]),  # where images are cached does not change them
+        (["model.block_order=conv_relu"], ["model.bn_momentum=0.5"]),  # no BatchNorm
+    ],
+)
+def test_configs_that_mean_the_same_run_hash_the_same(compose_cfg, option, ignored):
+    assert _hash(compose_cfg, *option, *ignored) == _hash(compose_cfg, *option)
+
+
+@pytest.mark.parametrize(
+    "different",
+    [
+        ["quant=int8", "quant.representative_samples=7"],
+        ["quant=qat", "model=cauca_cnn_qat", "quant.fine_tune_epochs=3"],
+        ["prune=polynomial", "prune.power=1"],
+    ],
+)
+def test_keys_an_option_uses_still_change_the_hash(compose_cfg, different):
+    assert _hash(compose_cfg, *different) != _hash(compose_cfg, *different[:-1])
+
+
+def test_identity_follows_the_data_not_the_path(compose_cfg, tmp_path, monkeypatch):
+    """Replacing a pickle at the same path is a new run; the same file moved is not."""
+    from .conftest import cauca_dict, write_pickle
+
+    train, test = tmp_path / "train.pickle", tmp_path / "test.pickle"
+    write_pickle(train, cauca_dict(seed=1))
+    write_pickle(test, cauca_dict(seed=2))
+    args = ["dataset=cauca", f"dataset.train_path={train}", f"dataset.test_path={test}"]
+    before = _hash(compose_cfg, *args)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "train.pickle").write_bytes(train.read_bytes())
+    args_moved = [args[0], f"dataset.train_path={moved / 'train.pickle'}", args[2]]
+    assert _hash(compose_cfg, *args_moved) == before
+    write_pickle(train, cauca_dict(seed=3))  # other images at the same path
+    assert file_digest(train) != file_digest(moved / "train.pickle")
+    assert _hash(compose_cfg, *args) != before
+
+    from fallopt.data import synthetic_falls
+
+    synthetic = _hash(compose_cfg)
+    monkeypatch.setattr(synthetic_falls, "GENERATOR_VERSION", synthetic_falls.GENERATOR_VERSION + 1)
+    assert _hash(compose_cfg) != synthetic
+
+
+def test_a_new_results_version_is_a_new_identity(compose_cfg, monkeypatch):
+    from fallopt import identity
+
+    before = _hash(compose_cfg)
+    monkeypatch.setattr(identity, "RESULTS_VERSION", identity.RESULTS_VERSION + 1)
+    assert _hash(compose_cfg) != before
 
 
 def test_flatten_gives_dotted_keys():
@@ -137,10 +205,14 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_bad_value_exits_2_with_one_line_before_tensorflow():
-    proc = _run_cli("train.epochs=-1", "hydra.run.dir=/tmp/fallopt-test-outputs")
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("train.epochs=-1", "train.epochs=-1 is invalid: must be >= 1"), ("seed=-1", "seed=-1 is")],
+)
+def test_cli_bad_value_exits_2_with_one_line_before_tensorflow(override, message):
+    proc = _run_cli(override, "hydra.run.dir=/tmp/fallopt-test-outputs")
     assert proc.returncode == 2, proc.stderr
-    assert "train.epochs=-1 is invalid: must be >= 1" in proc.stdout + proc.stderr
+    assert message in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "TENSORFLOW_LOADED=False" in proc.stdout
     assert "MLFLOW_LOADED=False" in proc.stdout  # the sweep callback loads it only in sweeps

@@ -159,3 +159,33 @@ def test_a_kill_at_a_chosen_stage_resumes_to_one_complete_run(tmp_path, stage, s
     probs = TFLiteModel(Path(tflite).read_bytes(), 1).predict(np.zeros((2, 24, 24, 3), np.uint8))
     assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1, atol=1e-3)
     _assert_cache_whole(tmp_path / "cache" / "stages")
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_any_moment_after_start_up_never_ends_finished(tmp_path):
+    """Ctrl-C landing during TensorFlow's import (in a finalizer, where Python only prints
+    "Exception ignored") or anywhere later ends the run KILLED, or before it starts."""
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    for i, delay in enumerate([0.0, 0.2, 0.5, 1.0, 2.0, 4.0]):
+        args = [*TINY, f"seed={i}", f"tracking.uri={uri}", f"hydra.run.dir={tmp_path}/o{i}"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fallopt.run", *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "FALLOPT_CACHE": str(tmp_path / "cache")},
+            preexec_fn=_ctrl_c_as_in_a_terminal,
+        )
+        lines = []
+        for line in proc.stdout:  # the signal follows the thread cap, as in the audit
+            lines.append(line)
+            if "TensorFlow threads" in line:
+                break
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=180)
+        output = "".join(lines) + rest
+        assert proc.returncode != 0, f"Ctrl-C after {delay} s was ignored:\n{output[-3000:]}"
+    client, runs = _store(tmp_path)
+    assert {r.info.status for r in runs} <= {"KILLED"}, [r.info.status for r in runs]

@@ -126,6 +126,33 @@ def test_structured_2_of_4(tiny, tmp_path):
     assert (np.count_nonzero(groups, axis=-1) <= 2).all()
 
 
+def test_m_by_n_over_the_image_channels_is_refused_before_any_run(
+    compose_cfg, tmp_path, tracking_uri
+):
+    """tfmot pads conv1's 3 input channels to 4 and misses 2:4 (a third sparse, not half)."""
+    from mlflow.tracking import MlflowClient
+
+    from fallopt.config import validate
+    from fallopt.identity import config_hash
+    from fallopt.task import run_experiment
+
+    from .conftest import TINY
+
+    cfg = validate(
+        compose_cfg(
+            *TINY,
+            "prune.scope=conv",
+            "prune.m_by_n=[2,4]",
+            "prune.sparsity=0.5",
+            f"tracking.uri={tracking_uri}",
+        )  # fmt: skip
+    )
+    with pytest.raises(ConfigError, match=r"layer conv1 has 3 inputs, not a multiple of 4.*conv2"):
+        run_experiment(cfg, config_hash(cfg), tmp_path / "out")
+    client = MlflowClient(tracking_uri)
+    assert client.search_runs([client.get_experiment_by_name("fallopt").experiment_id]) == []
+
+
 def test_zero_sparsity_fine_tunes_without_pruning(tiny, tmp_path):
     result = _prune(tiny, tmp_path, sparsity=0.0)
     assert all(layer.zeros == 0 for layer in result.layers)

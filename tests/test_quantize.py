@@ -88,10 +88,11 @@ def test_int8_has_int8_input_and_output_and_still_classifies(trained, files):
     assert (probs.argmax(1) == keras_probs.argmax(1)).mean() >= 0.9
 
 
-def test_int8_without_enough_representative_images_is_refused(trained):
+def test_int8_calibrates_on_every_image_of_a_smaller_training_split(trained):
     _, train, _ = trained
-    with pytest.raises(ConfigError, match="quant.representative_samples=500 but the training"):
-        representative_images(train, 500, seed=0)
+    chosen = representative_images(train, 500, seed=0)
+    assert len(chosen) == len(train)
+    np.testing.assert_array_equal(chosen, to_float(train.x))
 
 
 def test_weight_sparsity_is_read_from_the_file(trained):
@@ -125,20 +126,23 @@ def test_tracked_int8_run_logs_the_file_it_evaluated(compose_cfg, tmp_path, trac
     from mlflow.tracking import MlflowClient
 
     from fallopt.backend import keras
-    from fallopt.config import config_hash, resolved_dict, validate
+    from fallopt.config import validate
     from fallopt.data import load_dataset
+    from fallopt.identity import config_hash
     from fallopt.task import run_experiment
 
     from .conftest import TINY
 
-    overrides = [*TINY, "prune.sparsity=0.5", "quant=int8", "quant.representative_samples=20"]
+    # More calibration images asked than the 48 training images: all 48 are used (logged).
+    overrides = [*TINY, "prune.sparsity=0.5", "quant=int8", "quant.representative_samples=500"]
     cfg = compose_cfg(*overrides, f"tracking.uri={tracking_uri}")
     typed = validate(cfg)
-    run_experiment(typed, resolved_dict(cfg), config_hash(cfg), tmp_path / "out")
+    run_experiment(typed, config_hash(typed), tmp_path / "out")
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("fallopt").experiment_id])
     m = run.data.metrics
     assert run.info.status == "FINISHED" and run.data.tags["fallopt.stage.quant"] == "int8"
+    assert m["representative_samples_used"] == m["n_train"] == 48
     art = tmp_path / "dl"
     mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, dst_path=str(art), tracking_uri=tracking_uri
@@ -209,7 +213,10 @@ def test_quantization_aware_modes_convert_and_pqat_keeps_the_zeros(pruned_qat_re
     from fallopt.compress.quantize import quantization_aware_fine_tune
 
     path, train, val = pruned_qat_ready
-    aware = quantization_aware_fine_tune(path, mode, train, val, TrainConfig(batch_size=16), 1, 0)
+    aware, history = quantization_aware_fine_tune(
+        path, mode, train, val, TrainConfig(batch_size=16), 1, 0
+    )
+    assert len(history["val_accuracy"]) == 1
     tflite = TFLiteModel(convert(aware, mode))
     assert tflite.predict(val.x).shape == (16, 2)
     if mode is QuantMode.pqat:
@@ -242,3 +249,44 @@ def test_sparse_weight_storage_shrinks_a_pruned_model_and_still_runs(pruned_qat_
 def test_latency_is_measured(files, trained):
     tflite = TFLiteModel(files[QuantMode.dynamic])
     assert 0 < tflite.latency_ms(trained[2].x[0], repeats=5) < 1000
+
+
+def test_a_qat_run_says_which_model_each_figure_describes_and_returns_what_it_logged(
+    compose_cfg, tmp_path, tracking_uri, monkeypatch
+):
+    """Fresh or resumed, a job answers its sweeper with the values the run logged."""
+    from mlflow.tracking import MlflowClient
+
+    from fallopt import job
+    from fallopt.config import OBJECTIVES, validate
+    from fallopt.identity import config_hash
+    from fallopt.stages import training_threads
+    from fallopt.task import run_experiment
+
+    from .conftest import TINY
+
+    overrides = [*TINY, "model=cauca_cnn_qat", "quant=qat", "prune.sparsity=0.5", "threads=1"]
+    typed = validate(compose_cfg(*overrides, f"tracking.uri={tracking_uri}"))
+    # The job's thread cap, without capping this test process's TensorFlow.
+    monkeypatch.setattr("fallopt.backend.set_threads", lambda threads: None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert job.cap_threads(typed, job.Job(None, None, "", None, 1)) == 1
+    fresh = run_experiment(typed, config_hash(typed), tmp_path / "out")
+
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fallopt").experiment_id])
+    names = list(OBJECTIVES)
+    assert job.objectives(names, fresh) == job.objectives(names, run.data.metrics)
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [h.step for h in history] == [1, 2, 3]  # baseline, pruning and QAT epochs
+    assert fresh["val_accuracy"] == history[-1].value  # the QAT epoch's, as logged
+    tags, params = run.data.tags, run.data.params
+    assert (
+        "model/model.keras (the final Keras model, before quantization-aware training)"
+        in (tags["fallopt.figures"])
+    )
+    assert "tflite_*: model.tflite" in tags["fallopt.figures"]
+    # LiteRT ran with the capped thread count, and the params say so.
+    assert params["quant.threads"] == "1"
+    assert tags["fallopt.baseline_threads"] == tags["fallopt.pruned_threads"]
+    assert tags["fallopt.baseline_threads"] == str(training_threads())

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fallopt.config import config_hash, resolved_dict, validate
+from fallopt.config import validate
 from fallopt.data import load_dataset
+from fallopt.identity import config_hash
 from fallopt.task import run_experiment
 
 from .conftest import TINY, cauca_dict, fallopt_cli, write_pickle
@@ -20,7 +21,7 @@ from .conftest import TINY, cauca_dict, fallopt_cli, write_pickle
 def _run(compose_cfg, tmp_path, tracking_uri, *overrides):
     cfg = compose_cfg(*overrides, f"tracking.uri={tracking_uri}")
     typed = validate(cfg)
-    metrics = run_experiment(typed, resolved_dict(cfg), config_hash(cfg), tmp_path / "out")
+    metrics = run_experiment(typed, config_hash(typed), tmp_path / "out")
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(typed.tracking.experiment)
     (run,) = client.search_runs([experiment.experiment_id])
@@ -47,7 +48,7 @@ def test_tracked_run_records_everything_the_ui_needs(compose_cfg, tmp_path, trac
     assert m["n_train"] == 48 and m["n_val"] == 12 and m["n_test"] == 20
     assert params["train.epochs"] == "2" and params["prune.sparsity"] == "0.0"
     assert params["model.filters"] == "[4, 8]" and params["dataset.name"] == "synthetic_falls"
-    assert tags["fallopt.config_hash"] == config_hash(cfg)
+    assert tags["fallopt.config_hash"] == config_hash(typed)
     assert tags["fallopt.dataset"] == "synthetic_falls" and tags["fallopt.version"]
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert [h.step for h in history] == [1, 2, 3]  # 2 baseline epochs, then 1 fine-tune epoch

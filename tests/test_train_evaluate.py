@@ -101,3 +101,17 @@ def test_batches_shuffle_every_image_once_per_epoch_as_tf_data_would():
     assert [int(i[0, 0, 0]) // 4 for i in slices.as_numpy_iterator()] == list(orders[0])
     unshuffled = np.concatenate([i for i, _ in batches(split, 6).as_numpy_iterator()])
     np.testing.assert_allclose(unshuffled, x / np.float32(255), rtol=1e-6)
+
+
+def test_a_model_that_predicts_one_class_for_every_image_is_named():
+    from fallopt.task import _one_class
+
+    y = np.array([0, 0, 0, 1, 1])
+    always_no_fall = np.tile([0.9, 0.1], (5, 1))
+    warning = _one_class(evaluate_probabilities(y, always_no_fall), ("no_fall", "fall"), "m")
+    assert warning == (
+        "m predicts 'no_fall' for every test image: its accuracy is that class's share, "
+        "it has learned nothing"
+    )
+    mixed = np.array([[0.9, 0.1]] * 4 + [[0.2, 0.8]])
+    assert _one_class(evaluate_probabilities(y, mixed), ("no_fall", "fall"), "m") is None

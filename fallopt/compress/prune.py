@@ -80,6 +80,28 @@ def select_layers(model: tf_keras.Model, scope: str) -> list[str]:
     return chosen
 
 
+def check_m_by_n(model: tf_keras.Model, layer_names: list[str], m_by_n: list[int]) -> None:
+    """Refuse, before training, an m:n pattern a selected layer cannot take whole.
+
+    tfmot groups each kernel's weights n at a time along the input axis and pads a short
+    last group with zeros, which then count among the m it removes: a conv over 3 image
+    channels pruned 2:4 ends a third sparse, not half.
+
+    Raises:
+        ConfigError: naming the first such layer, its input size and the fix.
+    """
+    n = m_by_n[1]
+    for name in layer_names:
+        inputs = model.get_layer(name).kernel.shape[-2]
+        if inputs % n:
+            fits = [x for x in layer_names if model.get_layer(x).kernel.shape[-2] % n == 0]
+            raise ConfigError(
+                f"prune.m_by_n={list(m_by_n)} groups weights {n} at a time along each layer's "
+                f"inputs, but layer {name} has {inputs} inputs, not a multiple of {n}. Leave "
+                f"it out of prune.scope (layers that fit: {fits or 'none'})"
+            )
+
+
 def _tfmot_schedule(schedule: Schedule):  # noqa: ANN202 (tfmot has no type stubs)
     import tensorflow_model_optimization as tfmot
 

@@ -23,14 +23,10 @@ AWARE = (QuantMode.qat, QuantMode.pqat)
 def representative_images(train: Split, n: int, seed: int) -> np.ndarray:
     """Draw n training images (float32, as the model sees them) to calibrate int8 ranges.
 
-    Raises:
-        ConfigError: when the training split has fewer than n images.
+    A training split smaller than n gives all its images: the run logs how many it used
+    (`representative_samples_used`), so a small data set still converts.
     """
-    if len(train) < n:
-        raise ConfigError(
-            f"quant.representative_samples={n} but the training split has only {len(train)} "
-            f"images: lower quant.representative_samples (or raise dataset.limit)"
-        )
+    n = min(n, len(train))
     chosen = np.sort(np.random.default_rng(seed).choice(len(train), n, replace=False))
     return to_float(train.x[chosen])
 
@@ -66,8 +62,11 @@ def quantization_aware_fine_tune(
     epochs: int,
     seed: int,
     on_epoch_end: EpochHook | None = None,
-) -> tf_keras.Model:
-    """Fine-tune a fresh copy of the model with fake quantization (pqat keeps its zeros)."""
+) -> tuple[tf_keras.Model, dict[str, list[float]]]:
+    """Fine-tune a fresh copy of the model with fake quantization (pqat keeps its zeros).
+
+    Returns the quantization-aware model and the fine-tune's per-epoch history.
+    """
     import tensorflow_model_optimization as tfmot
 
     qkeras = tfmot.quantization.keras
@@ -78,8 +77,8 @@ def quantization_aware_fine_tune(
         aware = qkeras.quantize_apply(qkeras.quantize_annotate_model(model), scheme)
     else:
         aware = qkeras.quantize_model(model)
-    fit(aware, train, val, train_cfg, epochs, seed, on_epoch_end)
-    return aware
+    history = fit(aware, train, val, train_cfg, epochs, seed, on_epoch_end)
+    return aware, history
 
 
 @timed("convert")

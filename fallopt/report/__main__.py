@@ -3,8 +3,13 @@
     python -m fallopt.report                               # the latest sweep in the local store
     python -m fallopt.report --max-size-kb 300 --min-fall-recall 0.9 --register fall-detector
 
-Exit codes: 0 report written; 2 nothing to report on, or a store or run that cannot be
-read (one line naming it); 4 report written but no run meets the constraints.
+The store is only read: the one write is the finished report, logged to the sweep's parent
+run (and a model version with --register).
+
+Exit codes: 0 report written; 2 nothing to report on, a store, experiment or run that
+cannot be read, runs of several data sets without --dataset, or an output folder holding
+the store (one line naming it, nothing written); 4 report written but no run meets the
+constraints.
 """
 
 from __future__ import annotations
@@ -12,9 +17,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import urllib.parse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fallopt.errors import EXIT_USER_ERROR
+from fallopt.errors import EXIT_USER_ERROR, FalloptError
+
+if TYPE_CHECKING:
+    from mlflow.entities import Experiment
+    from mlflow.tracking import MlflowClient
 
 EXIT_NO_MODEL = 4
 log = logging.getLogger("fallopt.report")
@@ -29,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="fallopt", help="experiment name (default: fallopt)")
     p.add_argument("--parent-run", help="the sweep's parent run id (default: the latest sweep)")
     p.add_argument("--all-runs", action="store_true", help="every FINISHED run, not one sweep")
+    p.add_argument("--dataset", metavar="NAME", help="only the runs of this data set")
     p.add_argument("--out", type=Path, help="output folder (default: reports/<parent run>)")
     p.add_argument("--max-size-kb", type=float, help="largest gzipped .tflite allowed (KiB)")
     p.add_argument("--min-fall-recall", type=float, help="smallest fall recall allowed (0-1)")
@@ -37,29 +49,110 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def open_store(uri: str, name: str) -> tuple[MlflowClient, Experiment]:
+    """A client on an existing store and its experiment `name`, creating neither.
+
+    Raises:
+        FalloptError: when the database, the server or the experiment is not there.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from fallopt import track
+
+    db = track.sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise FalloptError(f"--tracking-uri {uri}: no such database")
+    if uri.startswith(("http://", "https://")):
+        track.check_reachable(uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        names = ", ".join(repr(e.name) for e in client.search_experiments())
+        raise FalloptError(
+            f"--experiment {name!r}: no such experiment at {uri} (it has {names or 'none'}): "
+            "pass one of those"
+        )
+    return client, experiment
+
+
+def sweep_parent(client: MlflowClient, experiment: Experiment, run_id: str) -> str:
+    """Check that `run_id` is a sweep's parent run in the experiment; return it.
+
+    Raises:
+        FalloptError: naming the id when it is no run, another experiment's, or no sweep.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise FalloptError(
+            f"--parent-run {run_id}: no such run; leave it out for the latest sweep, or copy "
+            "the id of a sweep's parent run from the MLflow UI"
+        ) from None
+    if run.info.experiment_id != experiment.experiment_id:
+        other = client.get_experiment(run.info.experiment_id).name
+        raise FalloptError(
+            f"--parent-run {run_id} is in experiment {other!r}, not {experiment.name!r}: "
+            f"pass --experiment {other}"
+        )
+    if run.data.tags.get("fallopt.role") != "sweep":
+        raise FalloptError(
+            f"--parent-run {run_id} is not a sweep's parent run (tag fallopt.role=sweep): pass "
+            "the parent's id, or --all-runs"
+        )
+    return run_id
+
+
+def store_folders(uri: str, experiment: Experiment) -> list[Path]:
+    """The local folders that hold the store: the database's and the experiment's artifacts."""
+    from fallopt import track
+
+    folders = []
+    db = track.sqlite_path(uri)
+    if db is not None:
+        folders.append(db.resolve().parent)  # also holds artifacts/, the default root
+    location = urllib.parse.urlparse(experiment.artifact_location or "")
+    if location.scheme in ("", "file") and location.path:
+        folders.append(Path(urllib.parse.unquote(location.path)).resolve())
+    return folders
+
+
+def check_out(out: Path, uri: str, experiment: Experiment) -> None:
+    """Refuse an output folder that holds the store: the report must not write into it.
+
+    Raises:
+        FalloptError: naming the folder and the store inside it.
+    """
+    folder = out.resolve()
+    for store in store_folders(uri, experiment):
+        if store == folder or folder in store.parents:
+            raise FalloptError(
+                f"--out {out}: that folder holds the tracking store ({store}): pass a folder "
+                "outside it, e.g. --out reports/study1"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the report command; returns the exit code."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from mlflow.tracking import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-    from fallopt import track
-    from fallopt.config import TrackingConfig
-    from fallopt.errors import FalloptError
     from fallopt.report.build import build_report
     from fallopt.report.publish import publish, register
-    from fallopt.report.runs import latest_sweep
+    from fallopt.report.runs import latest_sweep, one_line
     from fallopt.report.select import Constraints
 
     try:
-        tracking = TrackingConfig(uri=args.tracking_uri, experiment=args.experiment)
-        db = track.sqlite_path(args.tracking_uri)
-        if db is not None and not db.exists():
-            raise FalloptError(f"--tracking-uri {args.tracking_uri}: no such database")
-        experiment_id = track.connect(tracking)
-        client = MlflowClient(args.tracking_uri)
-        parent = args.parent_run
-        if parent is None and not args.all_runs:
+        client, experiment = open_store(args.tracking_uri, args.experiment)
+        experiment_id = experiment.experiment_id
+        parent = None
+        if args.parent_run is not None:
+            parent = sweep_parent(client, experiment, args.parent_run)
+        elif not args.all_runs:
             latest = latest_sweep(client, experiment_id)
             if latest is None:
                 raise FalloptError(
@@ -68,19 +161,29 @@ def main(argv: list[str] | None = None) -> int:
                 )
             parent = latest.info.run_id
         out = args.out or Path("reports") / (parent or f"{args.experiment}-all")
+        if args.out is None and args.dataset:
+            out /= args.dataset
+        check_out(out, args.tracking_uri, experiment)
         constraints = Constraints(args.max_size_kb, args.min_fall_recall, args.max_latency_ms)
         title = f"fallopt report: {args.experiment}" + (f", sweep {parent}" if parent else "")
+        title += f", data set {args.dataset}" if args.dataset else ""
         try:
-            report = build_report(client, experiment_id, parent, constraints, out, title)
+            report = build_report(
+                client, experiment_id, parent, constraints, out, title, args.dataset
+            )
         except ValueError as e:
             raise FalloptError(f"{title}: {e}") from None
     except FalloptError as e:
         log.error("%s", e)
         return EXIT_USER_ERROR
+    except MlflowException as e:
+        log.error("--tracking-uri %s: cannot read the store: %s", args.tracking_uri,
+                  one_line(e.message))  # fmt: skip
+        return EXIT_USER_ERROR
     log.info("[report] %s", report.recommendation.message)
     log.info("[report] written to %s and %s", report.html, report.markdown)
     if parent:
-        publish(client, parent, report)
+        publish(client, parent, report, args.dataset)
     if report.recommendation.run_id is None:
         return EXIT_NO_MODEL
     if args.register:

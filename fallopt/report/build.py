@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from fallopt.pareto import pareto_mask
 from fallopt.report import figures, render
-from fallopt.report.runs import confusion, runs_table, sweep_runs
+from fallopt.report.runs import Failure, confusion, one_dataset, runs_table, sweep_runs
 from fallopt.report.select import Constraints, Recommendation, recommend
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,12 @@ class Report:
     figures: dict[str, Path]
     html: Path
     markdown: Path
+    failures: list[Failure]  # combinations that did not finish, left out of the table
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file the report wrote: the pages and their figures."""
+        return [self.html, self.markdown, *self.figures.values()]
 
     @property
     def pareto_runs(self) -> set[str]:
@@ -49,15 +55,23 @@ def build_report(
     constraints: Constraints,
     out_dir: Path,
     title: str,
+    dataset: str | None = None,
 ) -> Report:
     """Compare the FINISHED runs of a sweep (or of the experiment) and write the report.
 
+    `dataset` selects the runs of one data set; without it the runs must all be of one.
+    Nothing is written when a ValueError is raised.
+
     Raises:
-        ValueError: when there is no finished run to compare.
+        ValueError: when there is no finished run to compare, when `dataset` names none,
+            or when the runs are of several data sets or class sets.
     """
-    table = runs_table(sweep_runs(client, experiment_id, parent))
+    runs, failures = sweep_runs(client, experiment_id, parent)
+    table = runs_table(runs)
     if table.empty:
-        raise ValueError("no FINISHED fallopt run to compare")
+        failed = f"; {len(failures)} failed, e.g. {failures[0].describe()}" if failures else ""
+        raise ValueError(f"no FINISHED fallopt run to compare{failed}")
+    table, failures = one_dataset(table, failures, dataset)
     out_dir.mkdir(parents=True, exist_ok=True)
     table["pareto_size"] = _front(table, "size_kb")
     table["pareto_latency"] = _front(table, "latency_ms")
@@ -95,10 +109,15 @@ def build_report(
     )
     choice = recommend(table, constraints)
     report = Report(
-        table, choice, constraints, figs, out_dir / "report.html", out_dir / "report.md"
+        table, choice, constraints, figs, out_dir / "report.html", out_dir / "report.md", failures
     )
     render.write_html(report, title)
     render.write_markdown(report, title)
-    log.info("[report] %d runs, %d Pareto-optimal (accuracy vs size)", len(table),
+    log.info("[report] %s, %d Pareto-optimal (accuracy vs size)", render.run_counts(report),
              int(table["pareto_size"].sum()))  # fmt: skip
+    for failure in failures:
+        log.warning("[report] failed, left out: %s", failure.describe())
+    for _, row in table[table["one_class"] != ""].iterrows():
+        log.warning("[report] run %s (%s) recognises only %s: recall 0 for every other class",
+                    row["run_id"], row["label"], row["one_class"])  # fmt: skip
     return report

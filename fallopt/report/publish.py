@@ -11,12 +11,20 @@ from fallopt.report.build import Report
 log = logging.getLogger("fallopt.report")
 
 
-def publish(client: MlflowClient, parent: str, report: Report) -> None:
-    """Log the report's files to the sweep's parent run under `report/`."""
-    client.log_artifacts(parent, str(report.html.parent), "report")
+def publish(client: MlflowClient, parent: str, report: Report, dataset: str | None = None) -> None:
+    """Log the report's files to the sweep's parent run under `report/` (`report/<dataset>/`).
+
+    Only the files the report wrote: its folder may hold anything, even the store itself.
+    A report of one data set of a sweep gets its own folder and tag, so the reports of the
+    sweep's other data sets stay.
+    """
+    folder = f"report/{dataset}" if dataset else "report"
+    for path in report.files:
+        client.log_artifact(parent, str(path), folder)
     if report.recommendation.run_id:
-        client.set_tag(parent, "fallopt.recommended_run_id", report.recommendation.run_id)
-    log.info("[report] logged to run %s under report/", parent)
+        tag = f"fallopt.recommended_run_id.{dataset}" if dataset else "fallopt.recommended_run_id"
+        client.set_tag(parent, tag, report.recommendation.run_id)
+    log.info("[report] logged to run %s under %s/", parent, folder)
 
 
 def register(client: MlflowClient, name: str, run_id: str) -> tuple[str, str]:

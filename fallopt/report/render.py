@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from fallopt.report.runs import one_line
+
 if TYPE_CHECKING:
     from fallopt.report.build import Report
 
@@ -21,13 +23,14 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "compression": ("smaller than float32 baseline (×)", "{:.2f}"),
     "latency_ms": ("latency (ms/image)", "{:.2f}"),
     "disagreement": ("Keras vs TFLite disagreement", "{:.1%}"),
+    "one_class": ("recognises one class only (recall 0 for the others)", "{}"),
     "pareto_size": ("Pareto (size)", "{}"),
     "pareto_latency": ("Pareto (latency)", "{}"),
     "run_id": ("MLflow run", "{}"),
 }
 
 _SORT_JS = """
-document.querySelectorAll('th').forEach((th, col) => th.addEventListener('click', () => {
+document.querySelectorAll('#runs th').forEach((th, col) => th.addEventListener('click', () => {
   const body = th.closest('table').tBodies[0];
   const asc = th.dataset.asc !== 'true'; th.dataset.asc = asc;
   const key = r => { const v = r.cells[col].dataset.v; const n = parseFloat(v);
@@ -59,6 +62,31 @@ def _img(path: object, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def run_counts(report: Report) -> str:
+    """`6 finished; 3 failed`: every run the report was asked about, not only those shown."""
+    failed = f"; {len(report.failures)} failed" if report.failures else ""
+    return f"{len(report.table)} finished{failed}"
+
+
+def _runs_heading(report: Report) -> str:
+    return run_counts(report) + (", listed below" if report.failures else "")
+
+
+def _failed_html(report: Report) -> str:
+    if not report.failures:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(f.what)}</td><td>{html.escape(one_line(f.error))}</td>"
+        f"<td>{html.escape(f.run_id or '–')}</td></tr>"
+        for f in report.failures
+    )
+    return (
+        f'<h2>Failed ({len(report.failures)}): not in the table above</h2>\n<table id="failed">'
+        f"<thead><tr><th>combination</th><th>error</th><th>MLflow run</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
+
+
 def write_html(report: Report, title: str) -> None:
     """One file with everything inlined: it opens offline and can be mailed."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h, _ in COLUMNS.values())
@@ -84,8 +112,9 @@ def write_html(report: Report, title: str) -> None:
 {_img(f["size_vs_sparsity"], "size against sparsity")}</div>
 <h2>Confusion matrices of the Pareto-optimal runs (accuracy vs size)</h2>
 {_img(f["confusion"], "confusion matrices")}
-<h2>All runs ({len(report.table)}; click a header to sort)</h2>
+<h2>All runs ({_runs_heading(report)}; click a header to sort)</h2>
 <table id="runs"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>
+{_failed_html(report)}
 <p>Accuracy, recall, sizes and latency are those of each run's .tflite file as evaluated by
 LiteRT on the test set; latency is on the host CPU, not the device.</p>
 <script>{_SORT_JS}</script></body></html>
@@ -93,12 +122,23 @@ LiteRT on the test set; latency is on the host CPU, not the device.</p>
     report.html.write_text(page)
 
 
+def _md(text: str) -> str:
+    return one_line(text).replace("|", "\\|")
+
+
 def write_markdown(report: Report, title: str) -> None:
     """A summary for a pull request or a lab report: recommendation, table, figure files."""
     lines = [f"# {title}", "", f"Constraints: {report.constraints.describe()}", "",
-             report.recommendation.message, "", "| " + " | ".join(h for h, _ in
-             COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]  # fmt: skip
+             report.recommendation.message, "", f"All runs ({_runs_heading(report)}):", "",
+             "| " + " | ".join(h for h, _ in COLUMNS.values()) + " |",
+             "|" + "---|" * len(COLUMNS)]  # fmt: skip
     for _, row in report.table.iterrows():
         lines.append("| " + " | ".join(_cell(c, row[c]) for c in COLUMNS) + " |")
+    if report.failures:
+        lines += ["", f"Failed ({len(report.failures)}): not in the table above", "",
+                  "| combination | error | MLflow run |", "|---|---|---|"]  # fmt: skip
+        lines += [
+            f"| {_md(f.what)} | {_md(f.error)} | {f.run_id or '–'} |" for f in report.failures
+        ]
     lines += ["", *[f"![{name}]({path.name})" for name, path in report.figures.items()], ""]
     report.markdown.write_text("\n".join(lines))

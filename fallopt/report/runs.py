@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +49,133 @@ def latest_sweep(client: MlflowClient, experiment_id: str) -> Run | None:
     return runs[0] if runs else None
 
 
-def sweep_runs(client: MlflowClient, experiment_id: str, parent: str | None) -> list[Run]:
-    """FINISHED runs of a sweep (its children and the runs it reused), else of the experiment."""
-    if parent is None:
-        runs = client.search_runs(
-            [experiment_id], "attributes.status = 'FINISHED'", max_results=5000
-        )
-        return [r for r in runs if "fallopt.config_hash" in r.data.tags]
-    ids = {o["run_id"] for o in job_outcomes(client, parent).values() if o["run_id"]}
-    children = client.search_runs(
-        [experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=5000
+def one_line(text: str) -> str:
+    """`text` with every run of whitespace, newlines included, as one space."""
+    return " ".join(text.split())
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A combination that did not finish: what it was, why, and its run if it opened one."""
+
+    what: str  # the job's overrides, or the run's name
+    error: str
+    run_id: str | None  # None when the job was refused before it opened a run
+    dataset: str | None  # the run's data set; None when unknown (no run)
+    config_hash: str | None
+
+    def describe(self) -> str:
+        """`job 3: quant=int8 (run 1f2e...): ValueError: ...` on one line."""
+        run = f" (run {self.run_id})" if self.run_id else ""
+        return one_line(f"{self.what}{run}: {self.error}")
+
+
+def _failure(run: Run, what: str | None = None, error: str | None = None) -> Failure:
+    tags = run.data.tags
+    return Failure(
+        what or run.info.run_name or label(run.data.params),
+        error or tags.get("fallopt.error") or f"the run ended {run.info.status}",
+        run.info.run_id,
+        tags.get("fallopt.dataset"),
+        tags.get("fallopt.config_hash"),
     )
-    ids |= {r.info.run_id for r in children}
-    runs = [client.get_run(run_id) for run_id in sorted(ids)]
-    return [r for r in runs if r.info.status == "FINISHED"]
+
+
+def sweep_runs(
+    client: MlflowClient, experiment_id: str, parent: str | None
+) -> tuple[list[Run], list[Failure]]:
+    """FINISHED runs of a sweep (its children and the runs it reused), else of the experiment.
+
+    Also what failed: the sweep's failed jobs and FAILED or KILLED children, else the
+    experiment's FAILED fallopt runs. A failure whose config later FINISHED among the
+    returned runs is left out (it was redone), as are older failures of the same config.
+    """
+    failures: list[Failure] = []
+    if parent is None:
+        every = client.search_runs(
+            [experiment_id], order_by=["attributes.start_time DESC"], max_results=5000
+        )
+        every = [r for r in every if "fallopt.config_hash" in r.data.tags]
+        runs = [r for r in every if r.info.status == "FINISHED"]
+        failures = [_failure(r) for r in every if r.info.status == "FAILED"]
+    else:
+        outcomes = job_outcomes(client, parent)
+        children = client.search_runs(
+            [experiment_id],
+            f"tags.mlflow.parentRunId = '{parent}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=5000,
+        )
+        by_id = {r.info.run_id: r for r in children}
+        for outcome in outcomes.values():
+            if outcome["run_id"] and outcome["run_id"] not in by_id:
+                by_id[outcome["run_id"]] = client.get_run(outcome["run_id"])
+        runs = [by_id[run_id] for run_id in sorted(by_id)]
+        runs = [r for r in runs if r.info.status == "FINISHED"]
+        for num, outcome in sorted(outcomes.items()):
+            if outcome["outcome"] != "failed":
+                continue
+            what = f"job {num + 1}: {outcome['overrides'] or 'defaults'}"
+            run = by_id.get(outcome["run_id"] or "")
+            if run is None:
+                failures.append(Failure(what, outcome["error"], None, None, None))
+            else:
+                failures.append(_failure(run, what, outcome["error"]))
+        reported = {f.run_id for f in failures}
+        failures += [
+            _failure(r)
+            for r in children
+            if r.info.status in ("FAILED", "KILLED") and r.info.run_id not in reported
+        ]
+    seen = {r.data.tags.get("fallopt.config_hash") for r in runs}
+    kept = []
+    for failure in failures:
+        if failure.config_hash is None or failure.config_hash not in seen:
+            kept.append(failure)
+            seen.add(failure.config_hash)
+    return runs, kept
+
+
+def groups(table: pd.DataFrame) -> str:
+    """The table's data sets and class sets with their run counts, for one line."""
+    counts = table.groupby(["dataset", "classes"], sort=True).size()
+    return "; ".join(
+        f"{name} [{classes}]: {n} run{'s' * (n != 1)}" for (name, classes), n in counts.items()
+    )
+
+
+def one_dataset(
+    table: pd.DataFrame, failures: list[Failure], dataset: str | None
+) -> tuple[pd.DataFrame, list[Failure]]:
+    """The runs (and failures) of one data set, which must have one class set.
+
+    Runs of different data sets or class sets share no confusion matrix and no Pareto
+    front: accuracy over 10 classes is not comparable with accuracy over 2.
+
+    Raises:
+        ValueError: when `dataset` names no run's data set, or the runs are of several.
+    """
+    if dataset is not None:
+        chosen = table[table["dataset"] == dataset]
+        if chosen.empty:
+            raise ValueError(
+                f"--dataset {dataset}: no finished run of that data set; the runs are of: "
+                f"{groups(table)}"
+            )
+        table = chosen.reset_index(drop=True)
+        failures = [f for f in failures if f.dataset in (None, dataset)]
+    if table.groupby(["dataset", "classes"]).ngroups > 1:
+        fix = (
+            f"data set {dataset} was run with different class sets: report one sweep at a "
+            "time (--parent-run)"
+            if dataset
+            else "pass --dataset NAME to report one"
+        )
+        raise ValueError(
+            f"runs of different data sets or class sets cannot share a report ({groups(table)})"
+            f": {fix}"
+        )
+    return table, failures
 
 
 def label(params: dict[str, Any]) -> str:
@@ -74,17 +189,38 @@ def label(params: dict[str, Any]) -> str:
     return f"{model} · {prune} · {params.get('quant.mode', 'none')}"
 
 
+def one_class(classes: list[str], metrics: dict[str, float]) -> str:
+    """The only class the run's .tflite recognises, or "" when it recognises several.
+
+    Read from the per-class recalls of the test set: recall 0 for every class but one means
+    no image of any other class is recognised, whatever the accuracy (the majority's share,
+    for a model that answers the majority class). "" too when a recall is missing.
+    """
+    recalls = [metrics.get(f"tflite_test_recall_{name}", math.nan) for name in classes]
+    if len(classes) < 2 or any(math.isnan(r) for r in recalls):
+        return ""
+    recognised = [name for name, r in zip(classes, recalls, strict=True) if r > 0]
+    return recognised[0] if len(recognised) == 1 else ""
+
+
 def runs_table(runs: list[Run]) -> pd.DataFrame:
-    """One row per run: id, label, settings and the compared metrics (NaN where missing)."""
+    """One row per run: id, label, settings and the compared metrics (NaN where missing).
+
+    `dataset` and `classes` say what the run was tested on; `one_class` names the only
+    class a degenerate run recognises ("" for the others).
+    """
     rows = []
     for run in runs:
-        params, metrics = run.data.params, run.data.metrics
+        params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
         row: dict[str, Any] = {"run_id": run.info.run_id, "label": label(params)}
         row.update({key: params.get(key) for key in PARAMS})
         row.update({name: metrics.get(key, np.nan) for name, key in METRICS.items()})
-        row["classes"] = run.data.tags.get("fallopt.classes", "")
+        row["dataset"] = tags.get("fallopt.dataset") or params.get("dataset.name", "?")
+        row["classes"] = tags.get("fallopt.classes", "")
+        row["one_class"] = one_class(row["classes"].split(",") if row["classes"] else [], metrics)
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["run_id", "label", *PARAMS, *METRICS, "classes"])
+    columns = ["run_id", "label", *PARAMS, *METRICS, "dataset", "classes", "one_class"]
+    table = pd.DataFrame(rows, columns=columns)
     for column in ["prune.sparsity", "model.width", *METRICS]:
         table[column] = pd.to_numeric(table[column])
     table["size_kb"] = table["tflite_gzip_bytes"] / 1024

@@ -49,8 +49,11 @@ class Recommendation:
 def recommend(table: pd.DataFrame, constraints: Constraints) -> Recommendation:
     """The most accurate run (then the smallest) that meets every constraint.
 
-    When none does, the message says how many runs meet each constraint alone and which
-    constraints bind: those whose removal alone would let a run through.
+    A run that recognises one class only (column `one_class`) is passed over for any run
+    that meets the constraints and does not; when only such runs do, the message opens
+    with a warning. When no run meets the constraints, the message says how many runs
+    meet each constraint alone and which constraints bind: those whose removal alone would
+    let a run through.
     """
     checks = constraints.checks()
     ok = pd.Series(True, index=table.index)
@@ -58,14 +61,35 @@ def recommend(table: pd.DataFrame, constraints: Constraints) -> Recommendation:
         ok &= _meets(table, column, kind, limit)
     feasible = table[ok & table["test_accuracy"].notna()]
     if not feasible.empty:
-        best = feasible.sort_values(["test_accuracy", "size_kb"], ascending=[False, True]).iloc[0]
+        one_class = (
+            feasible["one_class"].fillna("") != ""
+            if "one_class" in feasible
+            else pd.Series(False, index=feasible.index)
+        )
+        ranked = feasible.sort_values(["test_accuracy", "size_kb"], ascending=[False, True])
+        useful = ranked[~one_class.loc[ranked.index]]
+        best = (useful if not useful.empty else ranked).iloc[0]
+        passed_over = ranked.index.get_loc(best.name)  # all ranked above it recognise one class
+        among = f"{len(feasible)} of {len(table)} runs meeting constraints: "
+        among += constraints.describe()
+        if useful.empty:
+            warning = (
+                "WARNING: every run meeting the constraints recognises one class only (recall "
+                f"0 for every other class); this one recognises only {best['one_class']}. "
+            )
+        else:
+            warning = ""
+            if passed_over:
+                among = (
+                    f"{len(useful)} runs that recognise more than one class among the {among} "
+                    f"({passed_over} more accurate run(s) recognise one class only)"
+                )
         return Recommendation(
             best["run_id"],
-            f"Recommended: {best['label']} (run {best['run_id']}): test accuracy "
+            f"{warning}Recommended: {best['label']} (run {best['run_id']}): test accuracy "
             f"{best['test_accuracy']:.3f}, fall recall {best['fall_recall']:.3f}, "
             f"{best['size_kb']:.1f} KiB gzipped, {best['latency_ms']:.2f} ms per image; "
-            f"the most accurate of {len(feasible)} of {len(table)} runs meeting constraints: "
-            f"{constraints.describe()}.",
+            f"the most accurate of {among}.",
         )
     alone = {name: int(_meets(table, *check).sum()) for name, check in checks.items()}
     binding = []

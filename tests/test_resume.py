@@ -84,6 +84,7 @@ def _plan(output: str) -> dict[str, str]:
     return {overrides: plan for overrides, plan in lines}
 
 
+@pytest.mark.slow  # two subprocess sweeps and a dry run: 80 s
 def test_dry_run_lists_every_job_without_tensorflow_and_matches_the_real_run(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     done = multirun(tmp_path, "prune.sparsity=0.5", "quant=none", name="earlier")

@@ -191,6 +191,7 @@ def test_cauca_run_on_lab_format_pickles(compose_cfg, tmp_path, tracking_uri):
     assert "test_fall_recall" in run.data.metrics
 
 
+@pytest.mark.slow  # the sweep tests run the CLI too; this one adds the single-run path
 def test_cli_runs_end_to_end(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     args = [*TINY, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path}/out"]

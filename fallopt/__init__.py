@@ -2,10 +2,14 @@
 
 import os
 
+from fallopt.backend import native_logs
+
 # tfmot works only with Keras 2 (tf-keras). TensorFlow reads this when `tf.keras` is first
 # touched, so it must be set before any fallopt module imports TensorFlow: here, whichever
 # entry point (CLI, tests, notebooks) imports the package first.
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# For the same reason TensorFlow's native log lines are quieted here; `python -m fallopt.run
+# verbose=true` shows them again.
+native_logs(verbose=False)
 
 __version__ = "0.1.0"

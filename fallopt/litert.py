@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+from fallopt.backend import native_logs_filtered
 from fallopt.data import to_float
 from fallopt.data.dataset import PIXEL_SCALE
 from fallopt.timing import timed
@@ -49,6 +50,13 @@ def _uint8(images: np.ndarray) -> np.ndarray:
     return images
 
 
+def _allocate(interpreter: Interpreter) -> None:
+    # LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." to descriptor 2
+    # here, whatever TF_CPP_MIN_LOG_LEVEL says: filtered as TensorFlow's own native lines are.
+    with native_logs_filtered():
+        interpreter.allocate_tensors()
+
+
 class TFLiteModel:
     """A `.tflite` flatbuffer ready to predict class probabilities from uint8 images.
 
@@ -59,7 +67,7 @@ class TFLiteModel:
         self.content = content
         self.xnnpack = xnnpack
         self.interpreter = _interpreter(content, threads, xnnpack)
-        self.interpreter.allocate_tensors()
+        _allocate(self.interpreter)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self._batch = 1
@@ -125,7 +133,7 @@ class TFLiteModel:
             batch = x[start : start + batch_size]
             if len(batch) != self._batch:
                 self.interpreter.resize_tensor_input(self.input["index"], batch.shape)
-                self.interpreter.allocate_tensors()
+                _allocate(self.interpreter)
                 self._batch = len(batch)
             self._fill_input(batch)
             self.interpreter.invoke()
@@ -136,7 +144,7 @@ class TFLiteModel:
     def latency_ms(self, image: np.ndarray, repeats: int = 50, warmup: int = 5) -> float:
         """Median milliseconds of one single-image invoke on one thread, after warm-up."""
         interpreter = _interpreter(self.content, 1, self.xnnpack)
-        interpreter.allocate_tensors()
+        _allocate(interpreter)
         interpreter.set_tensor(self.input["index"], self._quantize(image[None]))
         times = []
         for i in range(warmup + repeats):

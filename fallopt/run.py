@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from fallopt import config, interrupt
+from fallopt.backend import native_logs
 from fallopt.errors import EXIT_USER_ERROR, FalloptError
 
 log = logging.getLogger("fallopt")
@@ -37,6 +38,7 @@ if "--help" in sys.argv or "-h" in sys.argv:  # before Hydra answers it: 0.8 s i
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | list[float] | None:
     """Validate the composed config and run it; returns `objectives` (None if it failed)."""
+    native_logs(verbose=bool(cfg.get("verbose")))  # before TensorFlow loads: its C++ lines
     interrupt.install()
     try:
         try:

@@ -261,7 +261,9 @@ def _quantize(
             "tflite_size_ratio_to_baseline": size.raw_bytes / reference.raw_bytes,
             "tflite_gzip_ratio_to_baseline": size.gzip_bytes / reference.gzip_bytes,
             "tflite_sparsity": tflite.weight_sparsity(),
-            "tflite_disagreement": float(np.mean(evaluation.predictions != source_eval.predictions)),
+            "tflite_disagreement": float(
+                np.mean(evaluation.predictions != source_eval.predictions)
+            ),
             "tflite_latency_ms": tflite.latency_ms(data.test.x[0], q.latency_repeats),
             "tflite_throughput_ips": len(data.test) / seconds,  # the evaluation pass itself
         }

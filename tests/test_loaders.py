@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fallopt.config import CaucaConfig, DigitsConfig, HdsConfig, SyntheticFallsConfig
-from fallopt.data import load_dataset
+from fallopt.data import load_dataset, safe_pickle
 from fallopt.data.dataset import Split, as_images, limit, stratified_split
 from fallopt.errors import DataError
 
-from .conftest import cauca_dict, write_pickle
+from .conftest import SHARED, cauca_dict, write_pickle
 
 
 def _cauca(tmp_path, train=None, test=None):
@@ -112,6 +115,190 @@ def test_a_pickle_that_runs_code_is_refused_and_not_run(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"refused to load global (posix|os)\.system"):
         load_dataset(CaucaConfig(train_path=str(path), test_path=str(path)), 0.25, 0)
     assert not (tmp_path / "pwned").exists()
+
+
+def _load_cauca(path: Path) -> None:
+    load_dataset(CaucaConfig(train_path=str(path), test_path=str(path)), 0.25, 0)
+
+
+def _ops(obj: object) -> bytes:
+    """The opcodes that push `obj`, without a pickle's header and STOP."""
+    return pickle.dumps(obj, 3)[2:-1]
+
+
+def _calling(module: str, name: str, *args: object) -> bytes:
+    """A pickle that calls module.name(*args), as a hand-made hostile file would."""
+    return b"\x80\x03" + _ops(getattr(sys.modules[module], name)) + _ops(args) + b"R."
+
+
+_RECONSTRUCT = np.zeros(1).__reduce__()[0]  # the function pickles name to rebuild arrays
+_ONE_STRING_3000_TIMES = {"data": ["x" * 1000] * 3000, "labels": [0, 1], "width": 1}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (  # 28 bytes that allocated 2 GB
+            _calling("builtins", "bytearray", 2_000_000_000),
+            r"refused bytearray\(2000000000\): 2,000,000,000 bytes beyond the file's own, over "
+            r"the limit of 1,048,6\d\d bytes \(the file's size \+ 1,048,576\)",
+        ),
+        (  # 64 GiB: a bare MemoryError
+            _calling("builtins", "bytearray", 2**36),
+            r"refused bytearray\(68719476736\): .* over the limit",
+        ),
+        (
+            _calling(_RECONSTRUCT.__module__, "_reconstruct", np.ndarray, (2**36,), b"b"),
+            r"refused an empty array of shape \(68719476736,\): .* over the limit",
+        ),
+        (_calling("numpy", "ndarray", (2**36,)), "refused to call numpy.ndarray directly"),
+        (  # "hex" doubles its input, and calls nest
+            _calling("_codecs", "encode", b"ab", "hex"),
+            r"refused _codecs.encode of a bytes with 'hex'",
+        ),
+        (  # BINBYTES8 declaring 1 TiB
+            b"\x80\x04\x8e" + (2**40).to_bytes(8, "little") + b"x.",
+            "the pickle reads 1,099,511,627,776 bytes where 2 remain",
+        ),
+        (  # protocol 5's BYTEARRAY8 allocates before it reads
+            b"\x80\x05\x96" + (2**40).to_bytes(8, "little") + b"x.",
+            "BYTEARRAY8 declares 1,099,511,627,776 bytes in a file of 13",
+        ),
+        (  # numpy would pad every reference into a 3000 x 1000 array of 4-byte characters
+            pickle.dumps(_ONE_STRING_3000_TIMES),
+            r"refused another reference to a str: 1,000 bytes beyond the file's own "
+            r"\(1,05\d,\d+ in all\), over the limit",
+        ),
+    ],
+    ids=[
+        "bytearray-2GB",
+        "bytearray-64GiB",
+        "reconstruct",
+        "ndarray",
+        "codec",
+        "length",
+        "ba8",
+        "str",
+    ],
+)
+def test_a_pickle_asking_for_more_memory_than_it_holds_is_refused(tmp_path, content, message):
+    path = tmp_path / "greedy.pickle"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message) as e:
+        _load_cauca(path)
+    assert str(e.value).startswith(f"{path}: ")
+
+
+def test_shared_nested_lists_are_refused_before_numpy_expands_them(tmp_path):
+    # 10**7 numbers in 250 bytes: each level holds the one list below it ten times. Converting
+    # it took 0.9 s and 280 MB; each level more, ten times that.
+    data = [0] * 10
+    for _ in range(6):
+        data = [data] * 10
+    path = write_pickle(tmp_path / "laughs.pickle", cauca_dict(2, data=data))
+    assert path.stat().st_size < 300
+    with pytest.raises(
+        DataError, match=r"laughs\.pickle: .*refused a second reference to one list"
+    ):
+        _load_cauca(path)
+
+
+@pytest.mark.parametrize("key", ["data", "labels"])
+def test_text_is_refused_before_numpy_pads_every_string_to_the_longest(tmp_path, key):
+    # 104 KB without any shared reference; np.asarray of it took 963 MB.
+    text = ["a" * 100_000] + ["b"] * 2_000
+    path = write_pickle(tmp_path / "text.pickle", cauca_dict(2, **{key: text}))
+    with pytest.raises(DataError, match=rf"text\.pickle key '{key}': .*cannot be read"):
+        _load_cauca(path)
+
+
+def _dtype_with_state(state: tuple) -> bytes:
+    """A pickled dtype('V8') whose BUILD state is `state`."""
+    reduced = np.dtype("V8").__reduce__()
+    return b"\x80\x03" + _ops(reduced[0]) + _ops(reduced[1]) + b"R" + _ops(state) + b"b."
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # Object arrays rebuild from a list of items; numpy segfaults if it is short.
+        (pickle.dumps(cauca_dict(2, data=np.zeros((2, 4, 4, 3), object))), "refused dtype"),
+        # A dtype's state could claim Python objects (flags 63) or 2**40-byte items.
+        (_dtype_with_state((3, "|", None, None, None, 8, 1, 63)), "refused to change dtype"),
+        (_dtype_with_state((3, "|", None, None, None, 2**40, 1, 0)), "refused to change dtype"),
+    ],
+    ids=["object-array", "object-flags", "itemsize"],
+)
+def test_dtypes_holding_python_objects_are_refused(tmp_path, content, message):
+    path = tmp_path / "objects.pickle"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"objects\.pickle: not a safe pickle .*{message}"):
+        _load_cauca(path)
+
+
+def test_running_out_of_memory_while_unpickling_names_the_file(tmp_path, monkeypatch):
+    def no_memory(*args: object) -> None:
+        raise MemoryError("Unable to allocate 64.0 GiB")
+
+    path = write_pickle(tmp_path / "big.pickle", cauca_dict(4))
+    monkeypatch.setattr(sys.modules[_RECONSTRUCT.__module__], _RECONSTRUCT.__name__, no_memory)
+    with pytest.raises(DataError, match=r"big\.pickle: does not fit in memory .*64\.0 GiB"):
+        _load_cauca(path)
+
+
+# What legitimate pickles of arrays hold, at every protocol (0-2 name Python 2's modules).
+_LEGITIMATE = {
+    "images": np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3),
+    "labels": [0, 1],
+    "keys": ["shared", "shared"],  # a string referenced twice
+    "big_endian_fortran": np.asfortranarray(np.arange(6, dtype=">f4").reshape(3, 2)),
+    "scalar": np.int64(5),
+    "ordered": collections.OrderedDict(a=1),
+    "buffer": bytearray(b"xy"),
+    "empty": np.zeros((0, 3), np.uint8),
+    "text": np.array(["ab"]),
+    "pair": ((), ()),
+}
+# As Python 2's cPickle wrote {'data': array([0, 1, 255], uint8)}: a latin1 str holds the bytes.
+_PYTHON_2 = (
+    b"\x80\x02}q\x00U\x04dataq\x01cnumpy.core.multiarray\n_reconstruct\nq\x02cnumpy\nndarray\n"
+    b"q\x03K\x00\x85U\x01b\x87Rq\x04(K\x01K\x03\x85cnumpy\ndtype\nq\x05U\x02u1K\x00K\x01\x87Rq"
+    b"\x06(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89U\x03\x00\x01\xfftbs."
+)
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_legitimate_pickles_of_every_protocol_load_as_pickle_loads_them(tmp_path, protocol):
+    path = tmp_path / "ok.pickle"
+    path.write_bytes(pickle.dumps(_LEGITIMATE, protocol))
+    loaded, expected = safe_pickle.load(path, "anything"), pickle.loads(path.read_bytes())
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert type(loaded[key]) is type(value)
+        if isinstance(value, np.ndarray):
+            assert loaded[key].dtype == value.dtype and np.array_equal(loaded[key], value)
+            assert loaded[key].flags.f_contiguous == value.flags.f_contiguous
+        else:
+            assert loaded[key] == value
+
+
+def test_python_2_pickles_load(tmp_path):
+    path = tmp_path / "py2.pickle"
+    path.write_bytes(_PYTHON_2)
+    assert safe_pickle.load(path, "anything")["data"].tolist() == [0, 1, 255]
+
+
+def test_gmdcsa24_real_pickles_load():
+    folder = SHARED / "data" / "gmdcsa24"
+    if not folder.is_dir():
+        pytest.skip(f"real GMDCSA-24 data not found at {folder} (set FALLOPT_SHARED)")
+    cfg = CaucaConfig(
+        train_path=str(folder / "data_train_96_96_3.pickle"),
+        test_path=str(folder / "data_test_96_96_3.pickle"),
+    )
+    data = load_dataset(cfg, val_split=0.2, seed=0)
+    assert data.input_shape == (96, 96, 3)
+    assert (len(data.train) + len(data.val), len(data.test)) == (1985, 1086)
 
 
 def test_train_and_test_of_different_sizes_are_refused(tmp_path):

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from fallopt.data import safe_pickle
-from fallopt.data.dataset import Split, as_images, as_labels
+from fallopt.data.dataset import Split, as_images, as_labels, numeric_array
 from fallopt.errors import DataError
 
 CLASS_NAMES = ("no_fall", "fall")
@@ -33,7 +31,10 @@ def load_file(path: Path) -> Split:
         raise DataError(
             f"{path}: 'height', 'width', 'channels' must be integers; {FORMAT}"
         ) from None
-    data = np.asarray(raw["data"])
+    try:
+        data = numeric_array(raw["data"])
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{path} key 'data': cannot be read as numbers ({e}); {FORMAT}") from None
     if data.ndim == 2 and data.shape[1] == h * w * c:  # stored as flat rows
         data = data.reshape(-1, h, w, c)
     x = as_images(data, f"{path} key 'data'", FORMAT)

@@ -33,11 +33,13 @@ def _ctrl_c_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _start(tmp_path: Path, name: str, *overrides: str) -> subprocess.Popen:
+def _start(tmp_path: Path, name: str, *overrides: str, sweep: bool = True) -> subprocess.Popen:
+    """`python -m fallopt.run [-m]` on tiny data into tmp_path's store, output to `name`."""
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    args = [*overrides, *TINY, f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/{name}"]
+    out = f"hydra.{'sweep' if sweep else 'run'}.dir={tmp_path}/{name}"
+    args = [*(["-m"] if sweep else []), *overrides, *TINY, f"tracking.uri={uri}", out]
     return subprocess.Popen(
-        [sys.executable, "-m", "fallopt.run", "-m", *args],
+        [sys.executable, "-m", "fallopt.run", *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -165,18 +167,8 @@ def test_a_kill_at_a_chosen_stage_resumes_to_one_complete_run(tmp_path, stage, s
 def test_ctrl_c_at_any_moment_after_start_up_never_ends_finished(tmp_path):
     """Ctrl-C landing during TensorFlow's import (in a finalizer, where Python only prints
     "Exception ignored") or anywhere later ends the run KILLED, or before it starts."""
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     for i, delay in enumerate([0.0, 0.2, 0.5, 1.0, 2.0, 4.0]):
-        args = [*TINY, f"seed={i}", f"tracking.uri={uri}", f"hydra.run.dir={tmp_path}/o{i}"]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fallopt.run", *args],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "FALLOPT_CACHE": str(tmp_path / "cache")},
-            preexec_fn=_ctrl_c_as_in_a_terminal,
-        )
+        proc = _start(tmp_path, f"o{i}", f"seed={i}", sweep=False)
         lines = []
         for line in proc.stdout:  # the signal follows the thread cap, as in the audit
             lines.append(line)

@@ -25,9 +25,9 @@ from fallopt.errors import EXIT_USER_ERROR, FalloptError
 log = logging.getLogger("fallopt")
 
 
-# conf/ beside the package, by absolute path: Hydra resolves a relative one against the
-# calling module, which fails when main is called as `fallopt` or from another module.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# conf/ inside the package (so a wheel carries it), by absolute path: Hydra resolves a
+# relative one against the calling module, which fails when main is called as `fallopt`.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 if "--help" in sys.argv or "-h" in sys.argv:  # before Hydra answers it: 0.8 s instead of 4
     from fallopt.fast_help import share_group_listing_repository

@@ -16,7 +16,7 @@ import fallopt  # noqa: F401  (Keras 2 for tfmot, as in the lab)
 
 
 def cauca_cnn(input_shape: tuple[int, int, int], num_classes: int = 2):
-    """The lab's CAUCA CNN, built from conf/model/cauca_cnn.yaml as fallopt builds it."""
+    """The lab's CAUCA CNN, built from fallopt/conf/model/cauca_cnn.yaml as fallopt builds it."""
     from hydra import compose, initialize_config_dir
 
     from fallopt.config import validate

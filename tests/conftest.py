@@ -25,7 +25,7 @@ import fallopt  # noqa: F401  (sets TF_USE_LEGACY_KERAS before any test imports 
 import fallopt.config  # noqa: F401  (registers the schemas conf/ extends)
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "fallopt" / "conf"
 SHARED = Path(os.environ.get("FALLOPT_SHARED", REPO.parent / "shared"))
 HDS_PICKLE = SHARED / "data" / "hds" / "hds_data.pickle"
 

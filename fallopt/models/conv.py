@@ -1,6 +1,6 @@
 """CNN architectures: conv blocks then dense layers, all shapes from config.
 
-The named architectures (`conf/model/*.yaml`) are presets of one builder:
+The named architectures (`fallopt/conf/model/*.yaml`) are presets of one builder:
 `cauca_cnn` (the lab's), `cauca_cnn_qat` (QAT-friendly block order), `hds_cnn`, `cifar_cnn`.
 Layer names are stable (`conv1`, `bn1`, `relu1`, `pool1`, ..., `dense1`, `output`) so that
 pruning scopes and reports can refer to them.

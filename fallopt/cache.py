@@ -43,6 +43,7 @@ def baseline_key(fingerprint: str, classes: list[str], model: Any, train: Any, s
             "data": fingerprint,
             "classes": list(classes),
             "model": section(model),
+            "model_sources": model.sources(),
             "train": section(train),
             "seed": seed,
         },

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -20,7 +20,8 @@ from fallopt.errors import ConfigError
 from fallopt.identity import file_digest
 
 
-def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raise a ConfigError naming `key=value` unless `ok`."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: {rule}")
 
@@ -29,13 +30,14 @@ SEED_RANGE = 2**32  # numpy's and scikit-learn's seeds: 0 <= seed < 2**32
 
 
 def _check_seed(key: str, value: int) -> None:
-    _require(0 <= value < SEED_RANGE, key, value, f"must satisfy 0 <= {key} < 2**32")
+    require(0 <= value < SEED_RANGE, key, value, f"must satisfy 0 <= {key} < 2**32")
 
 
-def _check_fraction(key: str, value: float, *, allow_zero: bool) -> None:
+def check_fraction(key: str, value: float, *, allow_zero: bool) -> None:
+    """Require 0 (or 0 <) <= value < 1."""
     lo = "0 <=" if allow_zero else "0 <"
     ok = (value >= 0.0 if allow_zero else value > 0.0) and value < 1.0
-    _require(ok, key, value, f"must satisfy {lo} {key.split('.')[-1]} < 1")
+    require(ok, key, value, f"must satisfy {lo} {key.split('.')[-1]} < 1")
 
 
 # --- dataset ---------------------------------------------------------------------------------
@@ -50,7 +52,7 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         if self.limit is not None:
-            _require(self.limit >= 2, "dataset.limit", self.limit, "must be >= 2 (or null)")
+            require(self.limit >= 2, "dataset.limit", self.limit, "must be >= 2 (or null)")
 
     def sources(self) -> dict[str, str]:
         """Fingerprints of the data's origin besides these keys: file contents, versions.
@@ -75,11 +77,11 @@ class SyntheticFallsConfig(DatasetConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_seed("dataset.seed", self.seed)
-        _require(self.image_size >= 8, "dataset.image_size", self.image_size, "must be >= 8")
-        _require(self.channels in (1, 3), "dataset.channels", self.channels, "must be 1 or 3")
+        require(self.image_size >= 8, "dataset.image_size", self.image_size, "must be >= 8")
+        require(self.channels in (1, 3), "dataset.channels", self.channels, "must be 1 or 3")
         for key in ("n_train", "n_test"):
             n = getattr(self, key)
-            _require(n >= 10, f"dataset.{key}", n, "must be >= 10 (one image per activity)")
+            require(n >= 10, f"dataset.{key}", n, "must be >= 10 (one image per activity)")
 
     def ignored(self) -> set[str]:
         """Where the images are cached does not change them."""
@@ -119,7 +121,7 @@ class HdsConfig(DatasetConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_fraction("dataset.test_split", self.test_split, allow_zero=False)
+        check_fraction("dataset.test_split", self.test_split, allow_zero=False)
 
     def ignored(self) -> set[str]:
         """The path: the content counts (`sources`)."""
@@ -139,7 +141,7 @@ class DigitsConfig(DatasetConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_fraction("dataset.test_split", self.test_split, allow_zero=False)
+        check_fraction("dataset.test_split", self.test_split, allow_zero=False)
 
     def sources(self) -> dict[str, str]:
         """The file scikit-learn ships the digits in."""
@@ -151,42 +153,30 @@ class DigitsConfig(DatasetConfig):
 # --- model -----------------------------------------------------------------------------------
 
 
-class BlockOrder(str, Enum):
-    """Layer order inside a conv block. QAT can wrap BatchNorm only right after a Conv2D."""
-
-    conv_relu_bn = "conv_relu_bn"  # the lab's CNN
-    conv_bn_relu = "conv_bn_relu"  # quantization-aware-training friendly
-    conv_relu = "conv_relu"  # no BatchNorm
-
-
 @dataclass
 class ModelConfig:
-    """A CNN of conv blocks (conv -> [bn] -> relu -> maxpool) then dense layers."""
+    """Fields every model source has (one module each in `fallopt/models/`).
+
+    `input_range: [low, high]` is the one input rule: a uint8 pixel v enters the model as
+    `low + v * (high - low) / 255`. A model file does not record it: the lab's own models
+    were trained on raw pixels, [0, 255].
+    """
 
     name: str = MISSING
-    filters: list[int] = MISSING
-    kernel_size: int = 3
-    pool_size: int = 2
-    dense_units: list[int] = field(default_factory=list)
-    block_order: BlockOrder = BlockOrder.conv_relu_bn
-    # Keras' 0.99 leaves the inference statistics far from the batch statistics after the
-    # few hundred steps of a short training (measured: 0.70 vs 0.90 on the training images).
-    bn_momentum: float = 0.9
-    width: float = 1.0  # scales every layer's filters and units (a search dimension)
+    input_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+
+    # train.epochs when it is null: an architecture must be trained, a file need not be.
+    default_epochs: ClassVar[int] = 5
+
+    def sources(self) -> dict[str, str]:
+        """Content fingerprints of files the model comes from (see DatasetConfig.sources)."""
+        return {}
 
     def __post_init__(self) -> None:
-        _require(self.width > 0, "model.width", self.width, "must be > 0 (1.0 = as listed)")
-        _require(len(self.filters) >= 1, "model.filters", self.filters, "needs >= 1 conv block")
-        for key in ("filters", "dense_units"):
-            values = getattr(self, key)
-            _require(all(v >= 1 for v in values), f"model.{key}", values, "widths must be >= 1")
-        _require(self.kernel_size >= 1, "model.kernel_size", self.kernel_size, "must be >= 1")
-        _require(self.pool_size >= 1, "model.pool_size", self.pool_size, "must be >= 1")
-        _check_fraction("model.bn_momentum", self.bn_momentum, allow_zero=True)
-
-    def ignored(self) -> set[str]:
-        """Without BatchNorm there is no momentum."""
-        return {"bn_momentum"} if self.block_order is BlockOrder.conv_relu else set()
+        r = self.input_range
+        require(
+            len(r) == 2 and r[0] < r[1], "model.input_range", r, "must be [low, high], low < high"
+        )
 
 
 # --- train, prune, quant, tracking -----------------------------------------------------------
@@ -204,19 +194,21 @@ class Optimizer(str, Enum):
 class TrainConfig:
     """Baseline training: the validation split comes out of the train pool, stratified."""
 
-    epochs: int = 5
+    # null: the model source's default, 5 to train an architecture, 0 to take a file as it is
+    epochs: int | None = None
     batch_size: int = 32
     learning_rate: float = 1e-3
     val_split: float = 0.2
     optimizer: Optimizer = Optimizer.adam
 
     def __post_init__(self) -> None:
-        _require(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
-        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
-        _require(
+        if self.epochs is not None:
+            require(self.epochs >= 0, "train.epochs", self.epochs, "must be >= 0")
+        require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        require(
             0 < self.learning_rate < 10, "train.learning_rate", self.learning_rate, "0 < lr < 10"
         )
-        _check_fraction("train.val_split", self.val_split, allow_zero=False)
+        check_fraction("train.val_split", self.val_split, allow_zero=False)
 
 
 class PruneMethod(str, Enum):
@@ -270,7 +262,7 @@ class PruneConfig:
         return set()
 
     def __post_init__(self) -> None:
-        _check_fraction("prune.sparsity", self.sparsity, allow_zero=True)
+        check_fraction("prune.sparsity", self.sparsity, allow_zero=True)
         if self.method is PruneMethod.none:
             if self.sparsity != 0.0:
                 raise ConfigError(
@@ -278,22 +270,20 @@ class PruneConfig:
                     "prune: use prune=constant (the default) or prune=polynomial"
                 )
             return
-        _check_fraction("prune.initial_sparsity", self.initial_sparsity, allow_zero=True)
+        check_fraction("prune.initial_sparsity", self.initial_sparsity, allow_zero=True)
         if self.method is PruneMethod.polynomial:
-            _require(
+            require(
                 self.initial_sparsity <= self.sparsity,
                 "prune.initial_sparsity",
                 self.initial_sparsity,
                 f"must not exceed the final prune.sparsity={self.sparsity}",
             )
-            _require(self.power > 0, "prune.power", self.power, "must be > 0")
-        _require(
-            self.fine_tune_epochs >= 1, "prune.fine_tune_epochs", self.fine_tune_epochs, ">= 1"
-        )
-        _require(self.frequency >= 1, "prune.frequency", self.frequency, "must be >= 1 step")
-        _require(self.begin >= 0, "prune.begin", self.begin, "must be >= 0")
+            require(self.power > 0, "prune.power", self.power, "must be > 0")
+        require(self.fine_tune_epochs >= 1, "prune.fine_tune_epochs", self.fine_tune_epochs, ">= 1")
+        require(self.frequency >= 1, "prune.frequency", self.frequency, "must be >= 1 step")
+        require(self.begin >= 0, "prune.begin", self.begin, "must be >= 0")
         if self.end is not None:
-            _require(self.end > self.begin, "prune.end", self.end, "must be > prune.begin")
+            require(self.end > self.begin, "prune.end", self.end, "must be > prune.begin")
         if self.scope not in PRUNE_SCOPES:
             try:
                 re.compile(self.scope)
@@ -304,9 +294,9 @@ class PruneConfig:
                 ) from None
         if self.m_by_n is not None:
             ok = len(self.m_by_n) == 2 and 0 < self.m_by_n[0] < self.m_by_n[1]
-            _require(ok, "prune.m_by_n", self.m_by_n, "must be [m, n] with 0 < m < n, e.g. [2, 4]")
+            require(ok, "prune.m_by_n", self.m_by_n, "must be [m, n] with 0 < m < n, e.g. [2, 4]")
             implied = 1 - self.m_by_n[0] / self.m_by_n[1]
-            _require(
+            require(
                 abs(self.sparsity - implied) < 1e-9,
                 "prune.sparsity",
                 self.sparsity,
@@ -341,12 +331,12 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         n = self.representative_samples
-        _require(n >= 1, "quant.representative_samples", n, "must be >= 1")
-        _require(self.threads >= 1, "quant.threads", self.threads, "must be >= 1")
+        require(n >= 1, "quant.representative_samples", n, "must be >= 1")
+        require(self.threads >= 1, "quant.threads", self.threads, "must be >= 1")
         epochs = self.fine_tune_epochs
-        _require(epochs >= 1, "quant.fine_tune_epochs", epochs, "must be >= 1")
+        require(epochs >= 1, "quant.fine_tune_epochs", epochs, "must be >= 1")
         repeats = self.latency_repeats
-        _require(repeats >= 1, "quant.latency_repeats", repeats, "must be >= 1")
+        require(repeats >= 1, "quant.latency_repeats", repeats, "must be >= 1")
 
     def ignored(self) -> set[str]:
         """Calibration images matter only to int8; the QAT fine-tune only to qat and pqat."""
@@ -371,8 +361,8 @@ class TrackingConfig:
     share_stages: bool = False
 
     def __post_init__(self) -> None:
-        _require(bool(self.uri.strip()), "tracking.uri", self.uri, "must not be empty")
-        _require(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "non-empty")
+        require(bool(self.uri.strip()), "tracking.uri", self.uri, "must not be empty")
+        require(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "non-empty")
 
 
 @dataclass
@@ -397,9 +387,9 @@ class FalloptConfig:
 
     def __post_init__(self) -> None:
         _check_seed("seed", self.seed)
-        _require(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = automatic)")
+        require(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = automatic)")
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
-        _require(not unknown and bool(self.objectives), "objectives", self.objectives,
+        require(not unknown and bool(self.objectives), "objectives", self.objectives,
                  f"choose from {sorted(OBJECTIVES)}")  # fmt: skip
 
 
@@ -425,12 +415,15 @@ DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {
 
 def register_configs() -> None:
     """Store the schemas where conf/ files can extend them (`schema/<group>/<name>`)."""
+    from fallopt.models import schemas  # its modules extend ModelConfig, defined above
+
     cs = ConfigStore.instance()
     cs.store(name="fallopt_schema", node=FalloptConfig)
     for name, schema in DATASET_SCHEMAS.items():
         cs.store(group="schema/dataset", name=name, node=schema)
+    for name, schema in schemas().items():
+        cs.store(group="schema/model", name=name, node=schema)
     for group, schema in (
-        ("model", ModelConfig),
         ("train", TrainConfig),
         ("prune", PruneConfig),
         ("quant", QuantConfig),
@@ -454,9 +447,24 @@ def validate(cfg: DictConfig) -> FalloptConfig:
         raise ConfigError(f"invalid config: {e.msg}") from None
     if not isinstance(typed, FalloptConfig):
         raise ConfigError("config does not extend fallopt_schema (conf/config.yaml's defaults)")
+    if typed.train.epochs is None:
+        typed.train.epochs = type(typed.model).default_epochs
+    require(
+        typed.train.epochs >= 1 or type(typed.model).default_epochs == 0,
+        "train.epochs",
+        typed.train.epochs,
+        f"model={typed.model.name} is an architecture: it needs >= 1 epoch of training",
+    )
     if not isinstance(typed.dataset, tuple(DATASET_SCHEMAS.values())):
         raise ConfigError(
             f"dataset={typed.dataset.name!r} has no schema; known: {sorted(DATASET_SCHEMAS)}"
+        )
+    from fallopt.models import schemas
+
+    if type(typed.model) not in schemas().values():
+        raise ConfigError(
+            f"model={typed.model.name!r} does not extend a model source's schema "
+            f"(/schema/model/<source>); sources: {sorted(schemas())}"
         )
     return typed
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from fallopt.data import Split
+from fallopt.data import UNIT, InputRule, Split
 from fallopt.timing import timed
 
 if TYPE_CHECKING:
@@ -68,9 +68,11 @@ def evaluate_probabilities(y_true: np.ndarray, probs: np.ndarray) -> Evaluation:
 
 
 @timed("inference")
-def evaluate_keras(model: tf_keras.Model, split: Split, batch_size: int = 256) -> Evaluation:
-    """Predict a whole split with a Keras model (normalising per batch) and score it."""
+def evaluate_keras(
+    model: tf_keras.Model, split: Split, rule: InputRule = UNIT, batch_size: int = 256
+) -> Evaluation:
+    """Predict a whole split with a Keras model (pixels scaled by `rule`) and score it."""
     from fallopt.train import batches
 
-    probs = model.predict(batches(split, batch_size), verbose=0)
+    probs = model.predict(batches(split, batch_size, rule=rule), verbose=0)
     return evaluate_probabilities(split.y, probs)

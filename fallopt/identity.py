@@ -86,7 +86,7 @@ def identity(cfg: Any) -> dict[str, Any]:
     content = {k: v for k, v in section(cfg).items() if k not in EXECUTION_KEYS}
     return {
         **content,
-        "sources": cfg.dataset.sources(),
+        "sources": {"dataset": cfg.dataset.sources(), "model": cfg.model.sources()},
         "results_version": RESULTS_VERSION,
     }
 

@@ -16,8 +16,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from fallopt.backend import native_logs_filtered
-from fallopt.data import to_float
-from fallopt.data.dataset import PIXEL_SCALE
+from fallopt.data import UNIT, InputRule
 from fallopt.timing import timed
 
 # Ops whose input 1 is a weight tensor.
@@ -63,9 +62,12 @@ class TFLiteModel:
     `xnnpack=False` runs the built-in kernels only (needed for sparse weight storage).
     """
 
-    def __init__(self, content: bytes, threads: int = 2, xnnpack: bool = True) -> None:
+    def __init__(
+        self, content: bytes, threads: int = 2, xnnpack: bool = True, rule: InputRule = UNIT
+    ) -> None:
         self.content = content
         self.xnnpack = xnnpack
+        self.rule = rule
         self.interpreter = _interpreter(content, threads, xnnpack)
         _allocate(self.interpreter)
         self.input = self.interpreter.get_input_details()[0]
@@ -90,9 +92,9 @@ class TFLiteModel:
     def _input_table(self) -> np.ndarray:
         """What each uint8 pixel value becomes at the model's input.
 
-        float32 [0, 1], or that quantized with the input's own scale and zero point.
+        float32 under the input rule, or that quantized with the input's scale and zero point.
         """
-        floats = to_float(np.arange(256, dtype=np.uint8))
+        floats = self.rule.apply(np.arange(256, dtype=np.uint8))
         if self.input_dtype == np.float32:
             return floats
         scale, zero = self.input["quantization"]
@@ -112,7 +114,9 @@ class TFLiteModel:
         _uint8(batch)
         target = self.interpreter.tensor(self.input["index"])()
         if self.input_dtype == np.float32:
-            np.multiply(batch, np.float32(PIXEL_SCALE), out=target, dtype=np.float32)
+            np.multiply(batch, self.rule.scale, out=target, dtype=np.float32)
+            if self.rule.low:
+                np.add(target, np.float32(self.rule.low), out=target)
         elif self._flip:
             np.bitwise_xor(batch, np.uint8(128), out=target.view(np.uint8))
         else:

@@ -18,7 +18,7 @@ from fallopt.compress.prune import overall_sparsity, prune_and_fine_tune
 from fallopt.compress.quantize import convert
 from fallopt.compress.schedule import Schedule
 from fallopt.config import ModelConfig, PruneConfig, QuantMode, TrainConfig
-from fallopt.data import Dataset
+from fallopt.data import Dataset, InputRule
 from fallopt.evaluate import evaluate_keras
 from fallopt.models import build_model
 from fallopt.size import nonzero_params, save_model
@@ -64,8 +64,10 @@ class StageResult:
 
     @property
     def status(self) -> str:
-        """`reused` or `trained`, as tagged on runs."""
-        return "reused" if self.reused else "trained"
+        """`reused`, `trained`, or `loaded` (a model file taken as it is), as tagged on runs."""
+        if self.reused:
+            return "reused"
+        return "trained" if self.history else "loaded"
 
 
 def baseline(
@@ -78,22 +80,35 @@ def baseline(
 ) -> StageResult:
     """Train the baseline (or reuse it) and record what every run compares against.
 
-    Besides the model: its test metrics, non-zero parameter count and float32 TFLite file,
-    computed once per baseline rather than once per run.
+    Besides the model: its accuracies, non-zero parameter count and float32 TFLite file,
+    computed once per baseline rather than once per run. With `train_cfg.epochs` 0 (a model
+    file taken as it is) nothing is trained, and the train and validation accuracies are
+    evaluated instead of read from the last epoch.
     """
     key = baseline_key(data.fingerprint(), list(data.class_names), model_cfg, train_cfg, seed)
+    rule = InputRule(*model_cfg.input_range)
 
     def build(out: Path) -> dict[str, Any]:
         seed_everything(seed)
         model = build_model(model_cfg, data.input_shape, data.num_classes)
-        history = train_model(model, data.train, data.val, train_cfg, seed, on_epoch_end)
+        history = {}
+        if train_cfg.epochs:
+            history = train_model(model, data.train, data.val, train_cfg, seed, on_epoch_end, rule)
         save_model(model, out / MODEL_FILE)
         (out / REFERENCE_TFLITE).write_bytes(convert(model, QuantMode.none))
-        test = evaluate_keras(model, data.test)
+        test = evaluate_keras(model, data.test, rule)
+        if history:
+            train_acc, val_acc = history["accuracy"][-1], history["val_accuracy"][-1]
+        else:
+            train_acc, val_acc = (
+                evaluate_keras(model, s, rule).accuracy for s in (data.train, data.val)
+            )
         return {
             "history": history,
             "params_total": model.count_params(),
             "nonzero_params": nonzero_params(model),
+            "train_accuracy": train_acc,
+            "val_accuracy": val_acc,
             "test_accuracy": test.accuracy,
             "test_loss": test.loss,
             "threads": training_threads(),
@@ -111,6 +126,7 @@ def pruned(
     schedule: Schedule,
     train_cfg: TrainConfig,
     seed: int,
+    rule: InputRule,
     on_epoch_end: EpochHook | None = None,
 ) -> StageResult:
     """Prune and fine-tune the baseline (or reuse the result); sparsity is verified inside."""
@@ -128,6 +144,7 @@ def pruned(
             seed,
             out / MODEL_FILE,
             on_epoch_end,
+            rule,
         )
         return {
             "history": result.history,

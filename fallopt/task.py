@@ -34,7 +34,7 @@ from fallopt.config import (
     as_dict,
     flatten,
 )
-from fallopt.data import Dataset, load_dataset
+from fallopt.data import Dataset, InputRule, load_dataset
 from fallopt.errors import ConfigError
 from fallopt.evaluate import Evaluation, evaluate_keras, evaluate_probabilities
 from fallopt.export import c_array
@@ -67,7 +67,7 @@ def _preflight(cfg: FalloptConfig, data: Dataset) -> tuple[Schedule | None, np.n
     representative = None
     if cfg.quant.mode is QuantMode.int8:
         representative = representative_images(
-            data.train, cfg.quant.representative_samples, cfg.seed
+            data.train, cfg.quant.representative_samples, cfg.seed, _rule(cfg)
         )
         if len(representative) < cfg.quant.representative_samples:
             log.warning(
@@ -82,6 +82,16 @@ def _preflight(cfg: FalloptConfig, data: Dataset) -> tuple[Schedule | None, np.n
     if cfg.prune.m_by_n is not None:
         check_m_by_n(model, layers, cfg.prune.m_by_n)
     return schedule, representative
+
+
+def _rule(cfg: FalloptConfig) -> InputRule:
+    """How pixels enter this run's model (`model.input_range`)."""
+    return InputRule(*cfg.model.input_range)
+
+
+def _joined(first: dict[str, list[float]], then: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Two trainings' histories as one, epoch after epoch (either may be empty)."""
+    return {k: first.get(k, []) + then.get(k, []) for k in {**first, **then}}
 
 
 def _sparsity_table(layers: list[dict[str, Any]], path: Path) -> Path:
@@ -134,8 +144,8 @@ def _baseline(
         }
     )
     metrics = {
-        "baseline_train_accuracy": base.history["accuracy"][-1],
-        "baseline_val_accuracy": base.history["val_accuracy"][-1],
+        "baseline_train_accuracy": base.entry.meta["train_accuracy"],
+        "baseline_val_accuracy": base.entry.meta["val_accuracy"],
         "baseline_test_accuracy": base.entry.meta["test_accuracy"],
     }
     log.info(
@@ -160,8 +170,9 @@ def _prune(
 ) -> tuple[stages.StageResult, dict[str, float]]:
     first = cfg.train.epochs + 1  # fine-tune epochs continue the run's epoch count
     pruned = stages.pruned(
-        cache, data, base, cfg.prune, schedule, cfg.train, cfg.seed, track.epoch_logger(first)
-    )
+        cache, data, base, cfg.prune, schedule, cfg.train, cfg.seed, _rule(cfg),
+        track.epoch_logger(first),
+    )  # fmt: skip
     if pruned.reused:
         track.log_history(pruned.history, first_step=first)
     track.set_tags({"fallopt.pruned_threads": str(pruned.entry.meta["threads"])})
@@ -193,7 +204,7 @@ def _evaluate(
 ) -> tuple[Any, Evaluation, dict[str, float]]:
     stat = final.model_file.stat()
     model = _load_model(final.model_file, stat.st_mtime_ns, stat.st_size)
-    evaluation = evaluate_keras(model, data.test)
+    evaluation = evaluate_keras(model, data.test, _rule(cfg))
     metrics = evaluation.metrics(data.class_names, prefix="test")
     log.info(
         "[evaluate] test_accuracy %.3f%s",
@@ -238,16 +249,16 @@ def _quantize(
         )
         model, history = quantization_aware_fine_tune(
             final.model_file, q.mode, data.train, data.val, cfg.train, q.fine_tune_epochs,
-            cfg.seed, track.epoch_logger(epochs_so_far + 1),
+            cfg.seed, track.epoch_logger(epochs_so_far + 1), _rule(cfg),
         )  # fmt: skip
-        source_eval = evaluate_keras(model, data.test)
+        source_eval = evaluate_keras(model, data.test, _rule(cfg))
     else:
         model = final_model
     content = convert(model, q.mode, representative, q.sparse_weights)
     tflite_file = output_dir / "model.tflite"
     tflite_file.write_bytes(content)
     reference = file_size(base.reference_tflite)  # the unpruned baseline as float32 TFLite
-    tflite = TFLiteModel(content, q.threads, xnnpack=not q.sparse_weights)
+    tflite = TFLiteModel(content, q.threads, xnnpack=not q.sparse_weights, rule=_rule(cfg))
     start = time.perf_counter()
     probs = tflite.predict(data.test.x)
     seconds = time.perf_counter() - start
@@ -318,8 +329,10 @@ def _log_figures(
     cm_png = confusion_matrix_png(
         evaluation.confusion, data.class_names, output_dir / "confusion_matrix.png", title
     )
-    curves = training_curves_png(history, output_dir / "training_curves.png", phases)
-    track.log_artifacts([cm_json, cm_png, curves])
+    figures = [cm_json, cm_png]
+    if history:
+        figures.append(training_curves_png(history, output_dir / "training_curves.png", phases))
+    track.log_artifacts(figures)
 
 
 def _figures_tag(cfg: FalloptConfig) -> str:
@@ -404,7 +417,7 @@ def run_experiment(
         if schedule is not None:
             final, prune_metrics = _prune(cfg, cache, data, base, schedule, output_dir)
             summary.update(prune_metrics)
-            history = {k: base.history[k] + final.history[k] for k in base.history}
+            history = _joined(base.history, final.history)
             phases["pruning fine-tune"] = cfg.train.epochs + 1
         track.set_tags({"fallopt.stage.prune": final.status if schedule else "none"})
 
@@ -415,8 +428,11 @@ def run_experiment(
         )
         summary.update(quant_metrics)
         if qat_history:
-            phases["quantization-aware fine-tune"] = len(history["loss"]) + 1
-            history = {k: history[k] + qat_history[k] for k in history}
+            phases["quantization-aware fine-tune"] = len(history.get("loss", [])) + 1
+            history = _joined(history, qat_history)
+        if not history:  # a model file taken as it is: nothing was trained epoch by epoch
+            summary["train_accuracy"] = base.entry.meta["train_accuracy"]
+            summary["val_accuracy"] = base.entry.meta["val_accuracy"]
         warning = _one_class(evaluation, data.class_names, SIZE_FILE)
         if warning:
             log.warning("[evaluate] %s", warning)

@@ -234,7 +234,7 @@ def epoch_logger(first_step: int) -> Callable[[int, dict[str, float]], None]:
 
 def log_history(history: dict[str, list[float]], first_step: int) -> None:
     """Log a reused stage's Keras history as if it had been streamed."""
-    for i in range(len(next(iter(history.values())))):
+    for i in range(len(next(iter(history.values()), []))):
         logs = {name: values[i] for name, values in history.items()}
         mlflow.log_metrics(_as_metrics(logs), step=first_step + i)
 

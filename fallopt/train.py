@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING
 
 from fallopt.backend import keras
 from fallopt.config import Optimizer, TrainConfig
-from fallopt.data import Split
-from fallopt.data.dataset import PIXEL_SCALE
+from fallopt.data import UNIT, InputRule, Split
 from fallopt.timing import timed
 
 if TYPE_CHECKING:
@@ -27,8 +26,10 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def batches(split: Split, batch_size: int, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
-    """A tf.data pipeline over a split; images become float32 [0, 1] one batch at a time.
+def batches(
+    split: Split, batch_size: int, shuffle: bool = False, seed: int = 0, rule: InputRule = UNIT
+) -> tf.data.Dataset:
+    """A tf.data pipeline over a split; images become float32 under `rule` batch by batch.
 
     Only indices go through tf.data; each batch is gathered from the uint8 array when it is
     needed. `from_tensor_slices` would copy the whole split into a tensor, and a full
@@ -41,7 +42,7 @@ def batches(split: Split, batch_size: int, shuffle: bool = False, seed: int = 0)
     ds = tf.data.Dataset.range(len(split))
     if shuffle:
         ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
-    scale = tf.constant(PIXEL_SCALE, tf.float32)
+    scale, low = tf.constant(rule.scale, tf.float32), tf.constant(rule.low, tf.float32)
 
     def gather(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         images, labels = tf.numpy_function(
@@ -49,7 +50,8 @@ def batches(split: Split, batch_size: int, shuffle: bool = False, seed: int = 0)
         )
         images.set_shape((None, *x.shape[1:]))
         labels.set_shape((None,))
-        return tf.cast(images, tf.float32) * scale, labels
+        scaled = tf.cast(images, tf.float32) * scale
+        return (scaled + low if rule.low else scaled), labels
 
     return ds.batch(batch_size).map(gather).prefetch(tf.data.AUTOTUNE)
 
@@ -79,6 +81,7 @@ def fit(
     seed: int,
     on_epoch_end: EpochHook | None = None,
     callbacks: list[tf_keras.callbacks.Callback] | None = None,
+    rule: InputRule = UNIT,
 ) -> dict[str, list[float]]:
     """Compile with `cfg`'s optimizer and fit for `epochs`; returns the per-epoch history.
 
@@ -97,8 +100,8 @@ def fit(
             )
         )
     history = model.fit(
-        batches(train, cfg.batch_size, shuffle=True, seed=seed),
-        validation_data=batches(val, cfg.batch_size),
+        batches(train, cfg.batch_size, shuffle=True, seed=seed, rule=rule),
+        validation_data=batches(val, cfg.batch_size, rule=rule),
         epochs=epochs,
         callbacks=callbacks,
         # A progress bar on a terminal; one line per epoch in logs and CI.
@@ -114,9 +117,10 @@ def train_model(
     cfg: TrainConfig,
     seed: int,
     on_epoch_end: EpochHook | None = None,
+    rule: InputRule = UNIT,
 ) -> dict[str, list[float]]:
     """Train a baseline for `cfg.epochs`; see `fit`."""
-    return fit(model, train, val, cfg, cfg.epochs, seed, on_epoch_end)
+    return fit(model, train, val, cfg, cfg.epochs, seed, on_epoch_end, rule=rule)
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:

@@ -70,7 +70,9 @@ def test_user_keys_are_overridable(compose_cfg):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.epochs=-1", "train.epochs=-1 is invalid: must be >= 1"),
+        ("train.epochs=-1", "train.epochs=-1 is invalid: must be >= 0"),
+        ("train.epochs=0", "model=cauca_cnn is an architecture: it needs >= 1 epoch"),
+        ("model.input_range=[1,0]", "model.input_range=[1.0, 0.0] is invalid"),
         ("train.batch_size=0", "train.batch_size=0"),
         ("train.val_split=1.0", "train.val_split=1.0"),
         ("train.learning_rate=0", "train.learning_rate=0"),
@@ -207,7 +209,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("train.epochs=-1", "train.epochs=-1 is invalid: must be >= 1"), ("seed=-1", "seed=-1 is")],
+    [("train.epochs=-1", "train.epochs=-1 is invalid: must be >= 0"), ("seed=-1", "seed=-1 is")],
 )
 def test_cli_bad_value_exits_2_with_one_line_before_tensorflow(override, message):
     proc = _run_cli(override, "hydra.run.dir=/tmp/fallopt-test-outputs")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fallopt.config import ConfigError, validate
-from fallopt.models import build_model, feature_map_sizes
+from fallopt.models import build_model
+from fallopt.models.conv import feature_map_sizes
 
 
 @pytest.mark.parametrize(

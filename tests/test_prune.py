@@ -17,9 +17,10 @@ from fallopt.compress.prune import (
     select_layers,
 )
 from fallopt.compress.schedule import plan_schedule
-from fallopt.config import ConfigError, ModelConfig, PruneConfig, PruneMethod, TrainConfig
+from fallopt.config import ConfigError, PruneConfig, PruneMethod, TrainConfig
 from fallopt.data import Split
 from fallopt.models import build_model
+from fallopt.models.conv import ConvNetConfig
 from fallopt.size import file_size, nonzero_params, save_model
 from fallopt.train import seed_everything, train_model
 
@@ -80,7 +81,7 @@ def tiny(tmp_path_factory):
     train, val = Split(x[:48], y[:48]), Split(x[48:], y[48:])
     seed_everything(0)
     model = build_model(
-        ModelConfig(name="tiny", filters=[8], kernel_size=3, dense_units=[16]), (12, 12, 1), 2
+        ConvNetConfig(name="tiny", filters=[8], kernel_size=3, dense_units=[16]), (12, 12, 1), 2
     )
     train_model(model, train, val, TRAIN, 0)
     path = save_model(model, tmp_path_factory.mktemp("baseline") / "model.keras")

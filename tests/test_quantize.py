@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from fallopt.compress.quantize import convert, representative_images
-from fallopt.config import BlockOrder, ConfigError, ModelConfig, QuantMode, TrainConfig
+from fallopt.config import ConfigError, QuantMode, TrainConfig
 from fallopt.data import Split, to_float
 from fallopt.evaluate import evaluate_probabilities
 from fallopt.export import c_array
 from fallopt.litert import TFLiteModel
 from fallopt.models import build_model
+from fallopt.models.conv import BlockOrder, ConvNetConfig
 from fallopt.train import seed_everything, train_model
 
 
@@ -24,7 +25,7 @@ def trained():
     x[y == 1, 4:12, 4:12] = 255
     seed_everything(0)
     model = build_model(
-        ModelConfig(
+        ConvNetConfig(
             name="q", filters=[8], kernel_size=3, dense_units=[32], block_order=BlockOrder.conv_relu
         ),
         (16, 16, 1),
@@ -68,6 +69,25 @@ def test_every_pixel_value_is_fed_as_training_normalised_it(files, mode):
         tflite._fill_input(x)
         fed = tflite.interpreter.get_tensor(tflite.input["index"]).reshape(-1)
         assert fed[0] == 5 and np.array_equal(fed[1:], expected.reshape(-1)[1:])
+
+
+@pytest.mark.parametrize("input_range", [(0.0, 1.0), (0.0, 255.0), (-1.0, 1.0)])
+def test_one_input_rule_for_training_litert_and_calibration(files, input_range):
+    """Every consumer of pixels feeds low + v * (high - low) / 255, to the last bit."""
+    from fallopt.data import InputRule
+    from fallopt.train import batches
+
+    rule = InputRule(*input_range)
+    x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)  # each value once
+    split = Split(x, np.zeros(1, np.int64))
+    ((trained_on, _),) = batches(split, 1, rule=rule).as_numpy_iterator()  # training, Keras
+    low, high = input_range
+    np.testing.assert_allclose(trained_on, low + x * (high - low) / 255, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(representative_images(split, 1, 0, rule), trained_on)
+    tflite = TFLiteModel(files[QuantMode.none], rule=rule)
+    tflite._fill_input(x)
+    np.testing.assert_array_equal(tflite.interpreter.get_tensor(tflite.input["index"]), trained_on)
+    np.testing.assert_array_equal(tflite._quantize(x), trained_on)
 
 
 def test_float16_is_about_half_and_dynamic_about_a_quarter(files):
@@ -193,7 +213,7 @@ def pruned_qat_ready(tmp_path_factory):
     x = rng.integers(0, 256, size=(64, 16, 16, 1), dtype=np.uint8)
     y = np.arange(64) % 2
     model = build_model(
-        ModelConfig(
+        ConvNetConfig(
             name="qat", filters=[8], kernel_size=3, dense_units=[64], block_order="conv_bn_relu"
         ),
         (16, 16, 1),
@@ -228,7 +248,7 @@ def test_quantization_aware_modes_convert_and_pqat_keeps_the_zeros(pruned_qat_re
 def test_qat_on_the_labs_layer_order_is_refused_before_training():
     from fallopt.compress.quantize import check_quantizable
 
-    lab = build_model(ModelConfig(name="l", filters=[4], kernel_size=3), (12, 12, 1), 2)
+    lab = build_model(ConvNetConfig(name="l", filters=[4], kernel_size=3), (12, 12, 1), 2)
     with pytest.raises(ConfigError, match=r"cannot wrap layer bn1.*model=cauca_cnn_qat"):
         check_quantizable(lab, QuantMode.qat)
 

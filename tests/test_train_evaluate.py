@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fallopt.config import ModelConfig, TrainConfig
+from fallopt.config import TrainConfig
 from fallopt.data import Split
 from fallopt.evaluate import evaluate_probabilities
 from fallopt.models import build_model
+from fallopt.models.conv import ConvNetConfig
 from fallopt.train import batches, seed_everything, train_model
 
 
@@ -40,7 +41,7 @@ def _tiny_run(seed: int):
     x = rng.integers(0, 256, size=(48, 12, 12, 1), dtype=np.uint8)
     y = np.arange(48) % 2
     x[y == 1, 3:9, 3:9] = 255  # learnable: a bright square means class 1
-    cfg = ModelConfig(name="t", filters=[4], kernel_size=3, dense_units=[8])
+    cfg = ConvNetConfig(name="t", filters=[4], kernel_size=3, dense_units=[8])
     seed_everything(seed)
     model = build_model(cfg, (12, 12, 1), 2)
     history = train_model(
@@ -66,7 +67,7 @@ def test_epoch_hook_sees_every_epoch():
     seen = []
     rng = np.random.default_rng(0)
     split = Split(rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8), np.arange(16) % 2)
-    model = build_model(ModelConfig(name="t", filters=[2], kernel_size=3), (8, 8, 1), 2)
+    model = build_model(ConvNetConfig(name="t", filters=[2], kernel_size=3), (8, 8, 1), 2)
     train_model(
         model,
         split,

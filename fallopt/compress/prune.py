@@ -19,7 +19,7 @@ import numpy as np
 from fallopt.backend import keras
 from fallopt.compress.schedule import Schedule
 from fallopt.config import PruneConfig, PruneMethod, TrainConfig
-from fallopt.data import Split
+from fallopt.data import UNIT, InputRule, Split
 from fallopt.errors import ConfigError, FalloptError
 from fallopt.size import save_model
 from fallopt.train import EpochHook, batches, fit
@@ -213,6 +213,7 @@ def prune_and_fine_tune(
     seed: int,
     out_file: Path,
     on_epoch_end: EpochHook | None = None,
+    rule: InputRule = UNIT,
 ) -> PruneResult:
     """Prune a fresh copy of the baseline during a fine-tune, strip it and verify it.
 
@@ -238,6 +239,7 @@ def prune_and_fine_tune(
         seed,
         on_epoch_end,
         [tfmot.sparsity.keras.UpdatePruningStep()],
+        rule,
     )
     stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
     target = 1 - prune.m_by_n[0] / prune.m_by_n[1] if prune.m_by_n else prune.sparsity
@@ -248,8 +250,8 @@ def prune_and_fine_tune(
 
     save_model(stripped, out_file)
     reloaded = k.models.load_model(out_file, compile=False)
-    pruned_probs = wrapped.predict(batches(val, 256), verbose=0)
-    reloaded_probs = reloaded.predict(batches(val, 256), verbose=0)
+    pruned_probs = wrapped.predict(batches(val, 256, rule=rule), verbose=0)
+    reloaded_probs = reloaded.predict(batches(val, 256, rule=rule), verbose=0)
     if not np.array_equal(pruned_probs.argmax(1), reloaded_probs.argmax(1)) or not np.allclose(
         pruned_probs, reloaded_probs, rtol=0, atol=1e-6
     ):

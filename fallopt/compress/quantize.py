@@ -9,7 +9,7 @@ import numpy as np
 
 from fallopt.backend import keras
 from fallopt.config import QuantMode, TrainConfig
-from fallopt.data import Split, to_float
+from fallopt.data import UNIT, InputRule, Split
 from fallopt.errors import ConfigError
 from fallopt.timing import timed
 from fallopt.train import EpochHook, fit
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 AWARE = (QuantMode.qat, QuantMode.pqat)
 
 
-def representative_images(train: Split, n: int, seed: int) -> np.ndarray:
+def representative_images(train: Split, n: int, seed: int, rule: InputRule = UNIT) -> np.ndarray:
     """Draw n training images (float32, as the model sees them) to calibrate int8 ranges.
 
     A training split smaller than n gives all its images: the run logs how many it used
@@ -28,7 +28,7 @@ def representative_images(train: Split, n: int, seed: int) -> np.ndarray:
     """
     n = min(n, len(train))
     chosen = np.sort(np.random.default_rng(seed).choice(len(train), n, replace=False))
-    return to_float(train.x[chosen])
+    return rule.apply(train.x[chosen])
 
 
 def check_quantizable(model: tf_keras.Model, mode: QuantMode) -> None:
@@ -62,6 +62,7 @@ def quantization_aware_fine_tune(
     epochs: int,
     seed: int,
     on_epoch_end: EpochHook | None = None,
+    rule: InputRule = UNIT,
 ) -> tuple[tf_keras.Model, dict[str, list[float]]]:
     """Fine-tune a fresh copy of the model with fake quantization (pqat keeps its zeros).
 
@@ -77,7 +78,7 @@ def quantization_aware_fine_tune(
         aware = qkeras.quantize_apply(qkeras.quantize_annotate_model(model), scheme)
     else:
         aware = qkeras.quantize_model(model)
-    history = fit(aware, train, val, train_cfg, epochs, seed, on_epoch_end)
+    history = fit(aware, train, val, train_cfg, epochs, seed, on_epoch_end, rule=rule)
     return aware, history
 
 

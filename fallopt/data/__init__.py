@@ -14,9 +14,9 @@ from fallopt.config import (
     SyntheticFallsConfig,
 )
 from fallopt.data import cauca, digits, hds, synthetic_falls
-from fallopt.data.dataset import Dataset, Split, limit, stratified_split, to_float
+from fallopt.data.dataset import UNIT, Dataset, InputRule, Split, limit, stratified_split, to_float
 
-__all__ = ["Dataset", "Split", "default_cache_dir", "load_dataset", "to_float"]
+__all__ = ["UNIT", "Dataset", "InputRule", "Split", "default_cache_dir", "load_dataset", "to_float"]
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,38 @@ from sklearn.model_selection import train_test_split
 
 from fallopt.errors import DataError
 
-PIXEL_SCALE = 1.0 / 255.0
+
+@dataclass(frozen=True)
+class InputRule:
+    """How a uint8 pixel v enters a model: `low + v * (high - low) / 255` (`model.input_range`).
+
+    A model file carries no record of the scaling it was trained with (the lab's own models
+    take raw 0..255 pixels, MobileNet [-1, 1]), so one rule is set per run and every consumer
+    of pixels uses it: training, Keras and LiteRT evaluation, int8 calibration.
+    """
+
+    low: float = 0.0
+    high: float = 1.0
+
+    @property
+    def scale(self) -> np.float32:
+        """The factor on v, in the float32 every consumer computes in."""
+        return np.float32((self.high - self.low) / 255.0)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """uint8 pixels as the model's float32 input."""
+        y = x.astype(np.float32) * self.scale
+        if self.low:
+            y += np.float32(self.low)
+        return y
 
 
-def to_float(x: np.ndarray) -> np.ndarray:
-    """uint8 pixels to the float32 [0, 1] inputs the models are trained on."""
-    return x.astype(np.float32) * np.float32(PIXEL_SCALE)
+UNIT = InputRule()  # [0, 1]: fallopt's own architectures
+
+
+def to_float(x: np.ndarray, rule: InputRule = UNIT) -> np.ndarray:
+    """uint8 pixels to the float32 inputs a model takes under `rule`."""
+    return rule.apply(x)
 
 
 @dataclass(frozen=True)

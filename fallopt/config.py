@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
@@ -171,6 +172,10 @@ class ModelConfig:
     def sources(self) -> dict[str, str]:
         """Content fingerprints of files the model comes from (see DatasetConfig.sources)."""
         return {}
+
+    def source_file(self) -> Path | None:
+        """The trained model file this model is loaded from, if any."""
+        return None
 
     def __post_init__(self) -> None:
         r = self.input_range

@@ -20,9 +20,9 @@ from fallopt.compress.schedule import Schedule
 from fallopt.config import ModelConfig, PruneConfig, QuantMode, TrainConfig
 from fallopt.data import Dataset, InputRule
 from fallopt.evaluate import evaluate_keras
-from fallopt.models import build_model
+from fallopt.models import build_model, fit_baseline
 from fallopt.size import nonzero_params, save_model
-from fallopt.train import EpochHook, seed_everything, train_model
+from fallopt.train import EpochHook, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,9 @@ def baseline(
         model = build_model(model_cfg, data.input_shape, data.num_classes)
         history = {}
         if train_cfg.epochs:
-            history = train_model(model, data.train, data.val, train_cfg, seed, on_epoch_end, rule)
+            history = fit_baseline(
+                model_cfg, model, data.train, data.val, train_cfg, seed, on_epoch_end, rule
+            )
         save_model(model, out / MODEL_FILE)
         (out / REFERENCE_TFLITE).write_bytes(convert(model, QuantMode.none))
         test = evaluate_keras(model, data.test, rule)

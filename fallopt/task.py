@@ -143,11 +143,19 @@ def _baseline(
             "fallopt.baseline_threads": str(base.entry.meta["threads"]),
         }
     )
+    source = cfg.model.source_file()
+    if source is not None:  # the user's file: its own size, and what the baseline_* sizes are
+        track.set_tags(
+            {"fallopt.baseline_file": f"baseline_* sizes: {source} re-saved without optimizer "
+             "state (the baseline stage's model.keras); source_file_bytes: the file itself"}
+        )  # fmt: skip
     metrics = {
         "baseline_train_accuracy": base.entry.meta["train_accuracy"],
         "baseline_val_accuracy": base.entry.meta["val_accuracy"],
         "baseline_test_accuracy": base.entry.meta["test_accuracy"],
     }
+    if source is not None:
+        metrics["source_file_bytes"] = source.stat().st_size
     log.info(
         "[baseline] %s, %s parameters, %s (%d epochs): val_accuracy %.3f, test_accuracy %.3f",
         cfg.model.name,

@@ -48,6 +48,34 @@ def test_every_dataset_option_composes_to_its_schema(compose_cfg, overrides, sch
     assert isinstance(validate(compose_cfg(*overrides)).dataset, schema)
 
 
+# Keys an option needs from the user (YAML `???`), and what else it must be combined with.
+NEEDS = {
+    "model=keras_file": ["model.path=model.keras"],
+    "quant=qat": ["model=cauca_cnn_qat"],
+    "quant=pqat": ["model=cauca_cnn_qat"],
+}
+
+
+def _options() -> list[str]:
+    groups = [p for p in CONF.iterdir() if p.is_dir()]
+    options = [f"{g.name}={p.stem}" for g in groups for p in sorted(g.glob("*.yaml"))]
+    return [f"+{o}" if o.startswith("experiment=") else o for o in options]
+
+
+@pytest.mark.parametrize("option", _options())
+def test_every_option_in_conf_composes_and_validates(option):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        # With Hydra's own config, as `python -m fallopt.run` composes: hparams_search
+        # overrides the sweeper.
+        cfg = compose("config", [option, *NEEDS.get(option, [])], return_hydra_config=True)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    validate(cfg)
+
+
 def test_user_keys_are_overridable(compose_cfg):
     cfg = validate(
         compose_cfg(

@@ -1,7 +1,9 @@
 """Where a run's model comes from: one module per source, found by name.
 
 A source is a module here that defines `SCHEMA`, its config dataclass (a `ModelConfig`), and
-`build(cfg, input_shape, num_classes) -> tf_keras.Model`. Its YAML presets in
+`build(cfg, input_shape, num_classes) -> tf_keras.Model`. It may define `fit_baseline`, with
+the signature of `fallopt.train.train_model` after the model's config, when its baseline
+trains otherwise (e.g. a frozen backbone's head, then an unfrozen fine-tune). Its YAML presets in
 `fallopt/conf/model/` extend `/schema/model/<module>`. Adding a source is that module plus
 a YAML file: nothing else lists the sources. Modules import no TensorFlow until they build.
 """
@@ -36,10 +38,25 @@ def schemas() -> dict[str, type[ModelConfig]]:
     return {name: module.SCHEMA for name, module in sources().items()}
 
 
-def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> Any:
-    """The uncompiled model `cfg` describes, for images of `input_shape` and `num_classes`."""
+def source(cfg: ModelConfig) -> ModuleType:
+    """The module of the source `cfg` is a config of."""
     for module in sources().values():
         if type(cfg) is module.SCHEMA:
-            model: tf_keras.Model = module.build(cfg, input_shape, num_classes)
-            return model
+            return module
     raise TypeError(f"no model source for {type(cfg).__name__}; known: {sorted(sources())}")
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> Any:
+    """The uncompiled model `cfg` describes, for images of `input_shape` and `num_classes`."""
+    model: tf_keras.Model = source(cfg).build(cfg, input_shape, num_classes)
+    return model
+
+
+def fit_baseline(
+    cfg: ModelConfig, model: tf_keras.Model, *args: Any, **kwargs: Any
+) -> dict[str, list[float]]:
+    """Train a baseline as its source does: `train_model(model, *args, **kwargs)` by default."""
+    from fallopt.train import train_model
+
+    fit = getattr(source(cfg), "fit_baseline", None)
+    return fit(cfg, model, *args, **kwargs) if fit else train_model(model, *args, **kwargs)

@@ -136,14 +136,21 @@ def multirun(
     name: str = "sweep",
     returncode: int = 0,
     env: dict[str, str] | None = None,
+    tiny: bool = True,
 ) -> Sweep:
     """Run `python -m fallopt.run -m` on tiny data into `tmp_path/name`; check its exit code.
 
     The sweep's parent run is found by its directory, so several sweeps may share a store.
+    `tiny=False` leaves out TINY's data and architecture overrides (for a model file).
     """
     uri = uri or f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     sweep_dir = tmp_path / name
-    args = [*overrides, *TINY, f"tracking.uri={uri}", f"hydra.sweep.dir={sweep_dir}"]
+    args = [
+        *overrides,
+        *(TINY if tiny else []),
+        f"tracking.uri={uri}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     proc = fallopt_cli("-m", *args, env={"FALLOPT_CACHE": str(tmp_path / "cache"), **(env or {})})
     assert proc.returncode == returncode, (proc.stdout + proc.stderr)[-4000:]
     return tracked(uri, sweep_dir, proc)

@@ -89,6 +89,11 @@ def _rule(cfg: FalloptConfig) -> InputRule:
     return InputRule(*cfg.model.input_range)
 
 
+def _epochs(history: dict[str, list[float]]) -> int:
+    """How many epochs a history holds (a source's baseline may train more than train.epochs)."""
+    return len(next(iter(history.values()), []))
+
+
 def _joined(first: dict[str, list[float]], then: dict[str, list[float]]) -> dict[str, list[float]]:
     """Two trainings' histories as one, epoch after epoch (either may be empty)."""
     return {k: first.get(k, []) + then.get(k, []) for k in {**first, **then}}
@@ -161,7 +166,7 @@ def _baseline(
         cfg.model.name,
         f"{base.entry.meta['params_total']:,}",
         base.status,
-        cfg.train.epochs,
+        _epochs(base.history),
         metrics["baseline_val_accuracy"],
         metrics["baseline_test_accuracy"],
     )
@@ -176,7 +181,7 @@ def _prune(
     schedule: Schedule,
     output_dir: Path,
 ) -> tuple[stages.StageResult, dict[str, float]]:
-    first = cfg.train.epochs + 1  # fine-tune epochs continue the run's epoch count
+    first = _epochs(base.history) + 1  # fine-tune epochs continue the run's epoch count
     pruned = stages.pruned(
         cache, data, base, cfg.prune, schedule, cfg.train, cfg.seed, _rule(cfg),
         track.epoch_logger(first),
@@ -243,21 +248,20 @@ def _quantize(
     keras_eval: Evaluation,
     representative: np.ndarray | None,
     output_dir: Path,
+    first_epoch: int,
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Convert the final model, evaluate exactly that file with LiteRT, log it and its C array.
 
-    Returns the metrics and the history of the quantization-aware fine-tune (empty without).
+    A quantization-aware fine-tune's epochs are logged from `first_epoch` on. Returns the
+    metrics and that fine-tune's history (empty without).
     """
     q = cfg.quant
     history: dict[str, list[float]] = {}
     source_eval = keras_eval  # of the Keras model the .tflite is converted from
     if q.mode in AWARE:
-        epochs_so_far = cfg.train.epochs + (
-            cfg.prune.fine_tune_epochs if cfg.prune.method is not PruneMethod.none else 0
-        )
         model, history = quantization_aware_fine_tune(
             final.model_file, q.mode, data.train, data.val, cfg.train, q.fine_tune_epochs,
-            cfg.seed, track.epoch_logger(epochs_so_far + 1), _rule(cfg),
+            cfg.seed, track.epoch_logger(first_epoch), _rule(cfg),
         )  # fmt: skip
         source_eval = evaluate_keras(model, data.test, _rule(cfg))
     else:
@@ -426,17 +430,18 @@ def run_experiment(
             final, prune_metrics = _prune(cfg, cache, data, base, schedule, output_dir)
             summary.update(prune_metrics)
             history = _joined(base.history, final.history)
-            phases["pruning fine-tune"] = cfg.train.epochs + 1
+            phases["pruning fine-tune"] = _epochs(base.history) + 1
         track.set_tags({"fallopt.stage.prune": final.status if schedule else "none"})
 
         model, evaluation, final_metrics = _evaluate(cfg, data, base, final)
         summary.update(final_metrics)
         quant_metrics, qat_history = _quantize(
-            cfg, data, base, final, model, evaluation, representative, output_dir
-        )
+            cfg, data, base, final, model, evaluation, representative, output_dir,
+            _epochs(history) + 1,
+        )  # fmt: skip
         summary.update(quant_metrics)
         if qat_history:
-            phases["quantization-aware fine-tune"] = len(history.get("loss", [])) + 1
+            phases["quantization-aware fine-tune"] = _epochs(history) + 1
             history = _joined(history, qat_history)
         if not history:  # a model file taken as it is: nothing was trained epoch by epoch
             summary["train_accuracy"] = base.entry.meta["train_accuracy"]

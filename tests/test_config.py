@@ -51,6 +51,7 @@ def test_every_dataset_option_composes_to_its_schema(compose_cfg, overrides, sch
 # Keys an option needs from the user (YAML `???`), and what else it must be combined with.
 NEEDS = {
     "model=keras_file": ["model.path=model.keras"],
+    "model=python": ["model.target=my_models:small_cnn"],
     "quant=qat": ["model=cauca_cnn_qat"],
     "quant=pqat": ["model=cauca_cnn_qat"],
 }

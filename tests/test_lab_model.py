@@ -135,3 +135,68 @@ def test_the_labs_sweep_over_its_own_model(lab, tmp_path, keras_version, name):
         assert run.data.tags["fallopt.stage.baseline"] in ("loaded", "reused")
         target = float(run.data.params["prune.sparsity"])
         assert m["sparsity_achieved"] == pytest.approx(target, abs=0.01)
+
+
+def test_a_model_file_that_does_not_fit_the_data_is_refused_before_any_run(
+    lab, compose_cfg, tmp_path, tracking_uri
+):
+    from fallopt.errors import ConfigError
+    from fallopt.task import run_experiment
+
+    train, test, trained = lab
+    model_file, _ = trained("3", "best_CNN.keras")
+    small = write_pickle(tmp_path / "small.pickle", cauca_dict(n=40, size=24, seed=3))
+    from fallopt.backend import keras
+
+    three = tmp_path / "three_classes.h5"
+    layers = keras().layers
+    keras().Sequential(
+        [layers.Input((SIZE, SIZE, 3)), layers.Flatten(), layers.Dense(3, activation="softmax")]
+    ).save(three)
+    cases = {
+        "takes 48x48x3 images but the data set's are 24x24x3": _args(model_file, small, small),
+        "outputs 3 classes but the data set has 2": _args(three, train, test),
+        "no such file": _args(tmp_path / "missing.keras", train, test),
+    }
+    for message, overrides in cases.items():
+        cfg = validate(compose_cfg(*overrides, f"tracking.uri={tracking_uri}"))
+        with pytest.raises(ConfigError, match=message):
+            run_experiment(cfg, config_hash(cfg), tmp_path / "out")
+    client = MlflowClient(tracking_uri)
+    assert client.search_runs([client.get_experiment_by_name("fallopt").experiment_id]) == []
+
+
+def test_a_users_builder_function_is_a_model_source(compose_cfg, tmp_path, monkeypatch):
+    from fallopt.errors import ConfigError
+    from fallopt.models import build_model
+
+    (tmp_path / "my_models.py").write_text(
+        "import tf_keras as keras\n"
+        "def small_cnn(input_shape, num_classes):\n"
+        "    return keras.Sequential([keras.layers.Input(input_shape),\n"
+        "        keras.layers.Conv2D(4, 3, name='conv'), keras.layers.Flatten(),\n"
+        "        keras.layers.Dense(num_classes, activation='softmax', name='output')])\n"
+        "def keras3(input_shape, num_classes):\n"
+        "    import keras as k3\n"
+        "    return k3.Sequential([k3.layers.Input(input_shape), k3.layers.Flatten(),\n"
+        "        k3.layers.Dense(num_classes)])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = validate(compose_cfg("model=python", "model.target=my_models:small_cnn"))
+    model = build_model(cfg.model, (12, 12, 3), 2)
+    assert [layer.name for layer in model.layers] == ["conv", "flatten", "output"]
+    before = config_hash(cfg)
+    with (tmp_path / "my_models.py").open("a") as f:
+        f.write("# edited\n")
+    assert config_hash(cfg) != before  # an edited function is a new run
+
+    for target, message in [
+        ("my_models:keras3", "not a tf_keras model: build it with `import tf_keras as keras`"),
+        ("my_models:nothing", "has no function nothing"),
+        ("no_such_module:f", "cannot import no_such_module"),
+    ]:
+        bad = validate(compose_cfg("model=python", f"model.target={target}"))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            build_model(bad.model, (12, 12, 3), 2)
+    with pytest.raises(ConfigError, match="model.target='nope' is invalid"):
+        validate(compose_cfg("model=python", "model.target=nope"))

@@ -30,6 +30,7 @@ from fallopt.compress.schedule import Schedule
 from fallopt.config import PruneConfig, PruneMethod, TrainConfig
 from fallopt.data import UNIT, InputRule, Split
 from fallopt.errors import ConfigError, FalloptError
+from fallopt.models import FIXED_PREFIX
 from fallopt.size import save_model
 from fallopt.train import EpochHook, batches, fit
 
@@ -124,12 +125,18 @@ def select_layers(model: tf_keras.Model, scope: str) -> list[str]:
     Layers of nested models count as the model's own. A pattern must match a layer's whole
     unique name (`block1_conv1`) or its path (`vgg16/block1_conv1`), so `vgg16/.*` selects a
     whole backbone. DepthwiseConv2D layers are never selected: tfmot 0.8.1 cannot prune them.
+    Nor are layers named `fixed_*`: fixed preprocessing a model source builds into the model
+    (e.g. VGG's colour conversion), whose weights are not learned.
 
     Raises:
         ConfigError: when the scope matches no prunable (Dense or Conv2D) layer, or a selected
             layer is one tfmot cannot wrap (a subclass it does not know), naming it.
     """
-    prunable = [(leaf, _kind(leaf.layer)) for leaf in _leaves(model) if _kind(leaf.layer)]
+    prunable = [
+        (leaf, _kind(leaf.layer))
+        for leaf in _leaves(model)
+        if _kind(leaf.layer) and not leaf.name.startswith(FIXED_PREFIX)
+    ]
     if scope == "all":
         chosen = [leaf for leaf, _ in prunable]
     elif scope in ("dense", "conv"):

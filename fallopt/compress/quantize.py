@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fallopt.backend import keras
+from fallopt.compress.prune import flatten_model
 from fallopt.config import QuantMode, TrainConfig
 from fallopt.data import UNIT, InputRule, Split
 from fallopt.errors import ConfigError
@@ -35,11 +36,12 @@ def check_quantizable(model: tf_keras.Model, mode: QuantMode) -> None:
     """Refuse, before any training, a model tfmot's QAT cannot wrap.
 
     tfmot supports BatchNormalization only right after a Conv2D without activation (it folds
-    the pair); the lab's Conv2D(relu) -> BatchNorm order is rejected deep inside tfmot.
+    the pair); the lab's Conv2D(relu) -> BatchNorm order is rejected deep inside tfmot. A
+    nested model is checked as the flat model QAT will wrap.
     """
     layers = keras().layers
     previous = None
-    for layer in model.layers:
+    for layer in flatten_model(model).layers:
         if isinstance(layer, layers.BatchNormalization):
             conv = isinstance(previous, layers.Conv2D)
             if not conv or previous.activation.__name__ != "linear":
@@ -71,7 +73,8 @@ def quantization_aware_fine_tune(
     import tensorflow_model_optimization as tfmot
 
     qkeras = tfmot.quantization.keras
-    model = keras().models.load_model(model_file, compile=False)
+    # tfmot refuses a model nested in another ("not supported"): QAT wraps the flat copy.
+    model = flatten_model(keras().models.load_model(model_file, compile=False))
     check_quantizable(model, mode)
     if mode is QuantMode.pqat:
         scheme = tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()

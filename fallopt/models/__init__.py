@@ -16,6 +16,10 @@ from functools import cache
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+# A layer a source names `fixed_*` is fixed preprocessing built into the model (VGG's colour
+# conversion): its weights are not learned, and pruning never selects it.
+FIXED_PREFIX = "fixed_"
+
 if TYPE_CHECKING:
     import tf_keras
 

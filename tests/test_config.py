@@ -283,3 +283,37 @@ def test_verbose_adds_the_trace_to_the_one_line(tmp_path):
     assert "Traceback" not in quiet.stdout + quiet.stderr
     assert "Traceback" in loud.stdout + loud.stderr
     assert "train.epochs=-1 is invalid" in loud.stdout + loud.stderr
+
+
+def _schema_defaults(schema: type) -> dict:
+    import dataclasses
+    from enum import Enum
+
+    from omegaconf import MISSING
+
+    found = {}
+    for f in dataclasses.fields(schema):
+        if f.default_factory is not dataclasses.MISSING:
+            found[f.name] = f.default_factory()
+        elif f.default not in (dataclasses.MISSING, MISSING):
+            found[f.name] = f.default
+    return {k: v.value if isinstance(v, Enum) else v for k, v in found.items()}
+
+
+@pytest.mark.parametrize("path", sorted(CONF.glob("*/*.yaml")), ids=lambda p: p.stem)
+def test_yaml_sets_only_what_differs_from_its_schema(path):
+    """A default lives in one place, the dataclass: a YAML repeating it would hide a change."""
+    from omegaconf import OmegaConf
+
+    from fallopt import config
+    from fallopt.models import schemas
+
+    found = re.search(r"/schema/(\w+)/(\w+)@_here_", path.read_text())
+    if found is None:
+        pytest.skip("not an option of a typed group")
+    group, name = found.groups()
+    schema = {"dataset": config.DATASET_SCHEMAS, "model": schemas()}.get(group, {}).get(name)
+    schema = schema or getattr(config, f"{group.capitalize()}Config")
+    defaults = _schema_defaults(schema)
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    assert [k for k, v in raw.items() if k in defaults and v == defaults[k]] == []

@@ -260,3 +260,40 @@ def test_yaml_composes_to_the_schema_with_the_rule_applied(compose_cfg):
     assert {"unfreeze_layers", "fine_tune_learning_rate"} <= cfg.model.ignored()
     with pytest.raises(ConfigError, match="model.arch='resnet9'"):
         validate(compose_cfg("model=keras_app", "model.arch=resnet9"))
+
+
+@pytest.mark.slow  # MobileNetV2 at 96x96: head training, pruning and PQAT, about 2 minutes
+def test_transfer_learning_mobilenet_v2_pruned_then_prune_preserving_qat_to_int8(
+    compose_cfg, tmp_path, tracking_uri
+):
+    """The lab's optional part end to end: a frozen backbone, its head trained, the whole
+    model pruned, then quantization-aware training that keeps the zeros, to an int8 file."""
+    from mlflow.tracking import MlflowClient
+
+    from fallopt.identity import config_hash
+    from fallopt.litert import TFLiteModel
+    from fallopt.task import run_experiment
+
+    overrides = [
+        "model=keras_app", "model.arch=mobilenet_v2", "model.alpha=0.35", "model.weights=null",
+        "model.freeze=true", "model.fine_tune_epochs=1", "dataset.image_size=96",
+        "dataset.n_train=60", "dataset.n_test=20", "train.epochs=1", "train.batch_size=16",
+        "prune.scope=all", "prune.sparsity=0.5", "prune.fine_tune_epochs=1", "quant=pqat",
+        f"tracking.uri={tracking_uri}",
+    ]  # fmt: skip
+    cfg = validate(compose_cfg(*overrides))
+    run_experiment(cfg, config_hash(cfg), tmp_path / "out")
+
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fallopt").experiment_id])
+    m, tags = run.data.metrics, run.data.tags
+    assert run.info.status == "FINISHED" and tags["fallopt.stage.quant"] == "pqat"
+    assert run.data.params["model.input_range"] == "[-1.0, 1.0]"
+    assert m["sparsity_achieved"] == pytest.approx(0.5, abs=0.01)
+    steps = [h.step for h in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    assert steps == [1, 2, 3, 4]  # head, backbone fine-tune, pruning, QAT: one epoch each
+    path = client.download_artifacts(run.info.run_id, "model.tflite", str(tmp_path / "dl"))
+    tflite = TFLiteModel(Path(path).read_bytes())
+    # int8 weights whose pruned zeros survived QAT: at least the pruned kernels' share.
+    assert tflite.weight_sparsity() > 0.3
+    assert tflite.predict(_images(2, (96, 96, 3))).shape == (2, 2)

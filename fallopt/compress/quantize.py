@@ -35,24 +35,26 @@ def representative_images(train: Split, n: int, seed: int, rule: InputRule = UNI
 def check_quantizable(model: tf_keras.Model, mode: QuantMode) -> None:
     """Refuse, before any training, a model tfmot's QAT cannot wrap.
 
-    tfmot supports BatchNormalization only right after a Conv2D without activation (it folds
-    the pair); the lab's Conv2D(relu) -> BatchNorm order is rejected deep inside tfmot. A
-    nested model is checked as the flat model QAT will wrap.
+    tfmot supports BatchNormalization only right after a Conv2D or DepthwiseConv2D without
+    activation (it folds the pair, as in MobileNetV2); the lab's Conv2D(relu) -> BatchNorm
+    order is rejected deep inside tfmot. A nested model is checked as the flat model QAT
+    will wrap, each BatchNorm against the layer that feeds it.
     """
     layers = keras().layers
-    previous = None
     for layer in flatten_model(model).layers:
-        if isinstance(layer, layers.BatchNormalization):
-            conv = isinstance(previous, layers.Conv2D)
-            if not conv or previous.activation.__name__ != "linear":
-                after = f"after {previous.name}" if previous is not None else "first"
-                raise ConfigError(
-                    f"quant={mode.value} cannot wrap layer {layer.name} (BatchNormalization "
-                    f"{after}, which has an activation): quantization-aware training needs "
-                    "BatchNorm right after a Conv2D without activation. Use "
-                    "model=cauca_cnn_qat (Conv -> BatchNorm -> ReLU) or quant=int8"
-                )
-        previous = layer
+        if not isinstance(layer, layers.BatchNormalization):
+            continue
+        feeds = layer.inbound_nodes[0].inbound_layers if layer.inbound_nodes else None
+        conv = isinstance(feeds, layers.Conv2D | layers.DepthwiseConv2D)
+        if not conv or feeds.activation.__name__ != "linear":
+            after = f"after {feeds.name}" if isinstance(feeds, layers.Layer) else "first"
+            why = "which has an activation" if conv else "not a convolution"
+            raise ConfigError(
+                f"quant={mode.value} cannot wrap layer {layer.name} (BatchNormalization "
+                f"{after}, {why}): quantization-aware training needs BatchNorm right after a "
+                "Conv2D or DepthwiseConv2D without activation. Use model=cauca_cnn_qat (Conv "
+                "-> BatchNorm -> ReLU) or quant=int8"
+            )
 
 
 def quantization_aware_fine_tune(

@@ -11,14 +11,12 @@ the progress line and the sweep's summary are computed.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from hydra.core.hydra_config import HydraConfig
@@ -29,23 +27,21 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fallopt import track
-from fallopt.cache import baseline_key, pruned_key
-from fallopt.config import FalloptConfig, PruneMethod, QuantMode, TrackingConfig
-from fallopt.data import load_dataset
+from fallopt.config import FalloptConfig, TrackingConfig
 from fallopt.errors import FalloptError
 from fallopt.identity import EXECUTION_KEYS, config_hash
-from fallopt.stage_store import stage_cache
+from fallopt.plan import plan
+from fallopt.protocol import (
+    JOB_TAG,
+    PARENT_ENV,
+    START_ENV,
+    SWEEP_DIR_TAG,
+    TOTAL_ENV,
+    job_outcomes,
+    record_json,
+)
 
 log = logging.getLogger("fallopt")
-
-PARENT_ENV = "FALLOPT_PARENT_RUN_ID"
-TOTAL_ENV = "FALLOPT_SWEEP_TOTAL"
-START_ENV = "FALLOPT_SWEEP_START"
-JOB_TAG = "fallopt.job."
-SWEEP_DIR_TAG = "fallopt.sweep_dir"
-
-# Stages this process's dry-run jobs would build: later jobs of the sweep reuse them.
-_planned: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -138,24 +134,6 @@ def finished_run(experiment_id: str, digest: str) -> Run | None:
     return runs[0] if runs else None
 
 
-_CUT = " [cut here; the run's tag fallopt.error and the job's log hold it whole]"
-
-
-def _record_json(value: dict[str, Any]) -> str:
-    """The record as JSON within MLflow's tag size, its long texts cut, never mid-JSON."""
-    for key in ("error", "overrides"):  # the error first: TensorFlow's run to pages
-        if len(json.dumps(value)) <= track.MAX_TAG:
-            break
-        # The longest prefix that fits; JSON escapes make characters count unevenly.
-        text, lo, hi = value[key], 0, len(value[key])
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            fits = len(json.dumps({**value, key: text[:mid] + _CUT})) <= track.MAX_TAG
-            lo, hi = (mid, hi) if fits else (lo, mid - 1)
-        value = {**value, key: text[:lo] + _CUT}
-    return json.dumps(value)
-
-
 def record(parent: str | None, job: Job, outcome: str, run_id: str | None, error: str = "") -> None:
     """Record the job's outcome on the sweep's parent run (a no-op outside sweeps).
 
@@ -166,30 +144,12 @@ def record(parent: str | None, job: Job, outcome: str, run_id: str | None, error
         return
     value = {"outcome": outcome, "run_id": run_id, "overrides": job.overrides, "error": error}
     try:
-        MlflowClient().set_tag(parent, f"{JOB_TAG}{job.num:05d}", _record_json(value))
+        MlflowClient().set_tag(parent, f"{JOB_TAG}{job.num:05d}", record_json(value))
     except MlflowException as e:
         log.warning(
             "[%s] cannot record the outcome (%s) on the sweep's parent run %s: %s",
             job.label, outcome, parent, e.message.splitlines()[0],
         )  # fmt: skip
-
-
-def job_outcomes(client: MlflowClient, parent: str) -> dict[int, dict[str, Any]]:
-    """Outcomes the jobs recorded on the parent, by job number.
-
-    A record that is not valid JSON (written by an older fallopt, which cut long errors
-    mid-JSON) reads as a failure whose error says so, rather than breaking every reader.
-    """
-    outcomes = {}
-    for key, text in client.get_run(parent).data.tags.items():
-        if not key.startswith(JOB_TAG):
-            continue
-        try:
-            outcome = json.loads(text)
-        except json.JSONDecodeError:
-            outcome = {"outcome": "failed", "run_id": None, "overrides": "", "error": text}
-        outcomes[int(key[len(JOB_TAG) :])] = outcome
-    return outcomes
 
 
 def _progress(parent: str | None, job: Job, seconds: float) -> None:
@@ -251,7 +211,7 @@ def run_job(cfg: FalloptConfig, hydra_cfg: DictConfig) -> float | list[float] | 
     experiment_id = track.connect(cfg.tracking)
     done = None if cfg.force else finished_run(experiment_id, digest)
     if cfg.dry_run:
-        dry_run(cfg, job, done)
+        log.info("[dry-run %s] %s", job.label, plan(cfg, job.overrides or "defaults", done))
         return objectives(cfg.objectives, {})
     for run_id in track.reap_dead_runs(experiment_id):
         log.info("[%s] run %s was left RUNNING by a dead process: now KILLED", job.label, run_id)
@@ -284,35 +244,3 @@ def run_job(cfg: FalloptConfig, hydra_cfg: DictConfig) -> float | list[float] | 
     record(parent, job, "finished", run_id)
     _progress(parent, job, time.time() - start)
     return objectives(cfg.objectives, metrics)
-
-
-def dry_run(cfg: FalloptConfig, job: Job, done: Run | None) -> None:
-    """Print what the job would do: skip (and why) or run, and which stages it would reuse.
-
-    Loads the data (to hash it, as the stage keys do) but imports no TensorFlow.
-    """
-    what = job.overrides or "defaults"
-    if done is not None:
-        log.info("[dry-run %s] %s: skip, FINISHED in run %s", job.label, what, done.info.run_id)
-        return
-    data = load_dataset(cfg.dataset, cfg.train.val_split, cfg.seed)
-    cache = stage_cache(cfg.tracking)
-    keys = {
-        "baseline": baseline_key(
-            data.fingerprint(), list(data.class_names), cfg.model, cfg.train, cfg.seed
-        )
-    }
-    if cfg.prune.method is not PruneMethod.none:
-        keys["pruned"] = pruned_key(keys["baseline"], cfg.prune, cfg.train, cfg.seed)
-    plan = []
-    for kind, key in keys.items():
-        status = cache.status(kind, key)
-        if status == "missing":
-            status = "reuse (built by an earlier job)" if key in _planned else "train"
-            _planned.add(key)
-        else:
-            status = {"cached": "reuse (cached)", "shared": "reuse (shared store)"}[status]
-        plan.append(f"{kind} {status}")
-    if cfg.quant.mode in (QuantMode.qat, QuantMode.pqat):
-        plan.append(f"{cfg.quant.mode.value} fine-tune")
-    log.info("[dry-run %s] %s: run; %s", job.label, what, ", ".join(plan))

@@ -30,6 +30,16 @@ MODEL_FILE = "model.keras"
 REFERENCE_TFLITE = "float32.tflite"  # the baseline as float32 TFLite: the reference for ratios
 
 
+def baseline_key_for(
+    data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int
+) -> str:
+    """The baseline stage's key: f(data, model, train, seed), for building and for plans.
+
+    The pruned stage's key is `cache.pruned_key(<this>, prune, train, seed)`.
+    """
+    return baseline_key(data.fingerprint(), list(data.class_names), model_cfg, train_cfg, seed)
+
+
 def training_threads() -> int:
     """TensorFlow's intra-op threads: results differ in their last digits between counts.
 
@@ -85,7 +95,7 @@ def baseline(
     file taken as it is) nothing is trained, and the train and validation accuracies are
     evaluated instead of read from the last epoch.
     """
-    key = baseline_key(data.fingerprint(), list(data.class_names), model_cfg, train_cfg, seed)
+    key = baseline_key_for(data, model_cfg, train_cfg, seed)
     rule = InputRule(*model_cfg.input_range)
 
     def build(out: Path) -> dict[str, Any]:

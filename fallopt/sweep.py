@@ -79,7 +79,7 @@ class SweepRecord(Callback):
         from mlflow.tracking import MlflowClient
 
         from fallopt import track
-        from fallopt.job import PARENT_ENV, START_ENV, SWEEP_DIR_TAG, TOTAL_ENV
+        from fallopt.protocol import PARENT_ENV, START_ENV, SWEEP_DIR_TAG, TOTAL_ENV
 
         self._total = sweep_size(config)
         if self._total:
@@ -127,7 +127,7 @@ class SweepRecord(Callback):
             return
         from mlflow.exceptions import MlflowException
 
-        from fallopt.job import PARENT_ENV, START_ENV, TOTAL_ENV
+        from fallopt.protocol import PARENT_ENV, START_ENV, TOTAL_ENV
         from fallopt.sweep_summary import summarize
 
         parent, self._parent = self._parent, None

@@ -13,9 +13,9 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from fallopt.config import OBJECTIVES
-from fallopt.job import job_outcomes
 from fallopt.pareto import pareto_mask
 from fallopt.plots import sweep_plots
+from fallopt.protocol import job_outcomes
 
 log = logging.getLogger("fallopt.sweep")
 

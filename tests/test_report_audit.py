@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from fallopt import track
 from fallopt.config import TrackingConfig
-from fallopt.job import JOB_TAG
+from fallopt.protocol import JOB_TAG
 from fallopt.report.__main__ import main
 from fallopt.report.select import Constraints, recommend
 

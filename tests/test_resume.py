@@ -149,16 +149,16 @@ def test_a_job_finds_its_parent_with_or_without_the_environment(tmp_path, monkey
     """Ray workers on other machines do not inherit the environment: they look up the tag."""
     import mlflow
 
-    from fallopt import job
+    from fallopt import job, protocol
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = mlflow.create_experiment("x")
-    tags = {"fallopt.role": "sweep", job.SWEEP_DIR_TAG: "multirun/2026-11-23/10-00-00"}
+    tags = {"fallopt.role": "sweep", protocol.SWEEP_DIR_TAG: "multirun/2026-11-23/10-00-00"}
     parent = MlflowClient().create_run(experiment, tags=tags).info.run_id
-    MlflowClient().create_run(experiment, tags={**tags, job.SWEEP_DIR_TAG: "multirun/other"})
-    monkeypatch.delenv(job.PARENT_ENV, raising=False)
+    MlflowClient().create_run(experiment, tags={**tags, protocol.SWEEP_DIR_TAG: "multirun/other"})
+    monkeypatch.delenv(protocol.PARENT_ENV, raising=False)
     if env_parent:
-        monkeypatch.setenv(job.PARENT_ENV, parent)
+        monkeypatch.setenv(protocol.PARENT_ENV, parent)
     me = job.Job(2, 4, "prune.sparsity=0.5", "multirun/2026-11-23/10-00-00", 1)
     assert job.parent_run_id(me, experiment) == parent
     alone = job.Job(None, None, "", None, 1)

@@ -18,7 +18,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fallopt import job, track
+from fallopt import job, protocol, track
 from fallopt.config import OBJECTIVES, TrackingConfig
 from fallopt.sweep import SweepRecord
 from fallopt.sweep_summary import summarize
@@ -95,21 +95,21 @@ def test_a_long_error_is_recorded_as_valid_json_and_read_back(store):
     error = 'InvalidArgumentError: "graph" \n' + "é\\" * 6000  # escapes grow the JSON
     job.record(parent, job.Job(3, 9, "quant=int8", None, 1), "failed", None, error)
 
-    text = client.get_run(parent).data.tags[f"{job.JOB_TAG}00003"]
+    text = client.get_run(parent).data.tags[f"{protocol.JOB_TAG}00003"]
     assert len(text) <= track.MAX_TAG
     outcome = json.loads(text)
     assert outcome["outcome"] == "failed" and outcome["overrides"] == "quant=int8"
     assert outcome["error"].startswith('InvalidArgumentError: "graph"')
     assert "cut here" in outcome["error"]
-    assert job.job_outcomes(client, parent)[3] == outcome
+    assert protocol.job_outcomes(client, parent)[3] == outcome
 
 
 def test_a_record_cut_mid_json_by_an_older_fallopt_still_reads(store):
     client, experiment = store
     parent = client.create_run(experiment).info.run_id
-    client.set_tag(parent, f"{job.JOB_TAG}00000", '{"outcome": "failed", "error": "Unterm')
+    client.set_tag(parent, f"{protocol.JOB_TAG}00000", '{"outcome": "failed", "error": "Unterm')
 
-    (outcome,) = job.job_outcomes(client, parent).values()
+    (outcome,) = protocol.job_outcomes(client, parent).values()
     assert outcome["outcome"] == "failed" and "Unterm" in outcome["error"]
 
 
@@ -158,5 +158,5 @@ def test_keep_going_false_stops_the_sweep_at_an_unexpected_error(tmp_path):
     client = MlflowClient(uri)
     (parent,) = client.search_runs([client.get_experiment_by_name("fallopt").experiment_id])
     assert parent.info.status == "FAILED"
-    (outcome,) = job.job_outcomes(client, parent.info.run_id).values()
+    (outcome,) = protocol.job_outcomes(client, parent.info.run_id).values()
     assert outcome["outcome"] == "failed" and "seed 1" in outcome["error"]

@@ -13,7 +13,7 @@ import pandas as pd
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from fallopt.job import job_outcomes
+from fallopt.protocol import job_outcomes
 
 # Report column -> (MLflow key, how to convert). Accuracy, recall and size are those of the
 # .tflite file each run evaluated: the model that would go on the device.

@@ -70,6 +70,7 @@ def _lab_int8_accuracy(content: bytes, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.array(predicted) == y))
 
 
+@pytest.mark.slow  # trains the lab's model in a subprocess, then prunes and converts it: ~70 s
 def test_the_labs_keras3_model_is_the_baseline_pruned_and_quantized(
     lab, compose_cfg, tmp_path, tracking_uri
 ):
@@ -137,6 +138,7 @@ def test_the_labs_sweep_over_its_own_model(lab, tmp_path, keras_version, name):
         assert m["sparsity_achieved"] == pytest.approx(target, abs=0.01)
 
 
+@pytest.mark.slow  # needs the lab's trained model (the module fixture): ~40 s
 def test_a_model_file_that_does_not_fit_the_data_is_refused_before_any_run(
     lab, compose_cfg, tmp_path, tracking_uri
 ):
@@ -174,7 +176,7 @@ def test_a_users_builder_function_is_a_model_source(compose_cfg, tmp_path, monke
         "import tf_keras as keras\n"
         "def small_cnn(input_shape, num_classes):\n"
         "    return keras.Sequential([keras.layers.Input(input_shape),\n"
-        "        keras.layers.Conv2D(4, 3, name='conv'), keras.layers.Flatten(),\n"
+        "        keras.layers.Conv2D(4, 3, name='conv'), keras.layers.Flatten(name='flatten'),\n"
         "        keras.layers.Dense(num_classes, activation='softmax', name='output')])\n"
         "def keras3(input_shape, num_classes):\n"
         "    import keras as k3\n"

@@ -91,6 +91,7 @@ def study(tmp_path_factory):
     return result, baseline, x, before
 
 
+@pytest.mark.slow  # the study fixture fine-tunes a VGG-like backbone: 20-30 s
 def test_every_nested_kernel_reaches_the_final_sparsity(study):
     result, *_ = study
     names = [layer.layer for layer in result.layers]
@@ -98,6 +99,7 @@ def test_every_nested_kernel_reaches_the_final_sparsity(study):
     _assert_on_target(result, 0.75)
 
 
+@pytest.mark.slow  # shares the study
 def test_the_pruned_file_is_flat_loads_converts_and_predicts(study):
     result, baseline, x, _ = study
     loaded = keras().models.load_model(baseline.with_name("pruned.keras"), compile=False)
@@ -106,6 +108,7 @@ def test_the_pruned_file_is_flat_loads_converts_and_predicts(study):
     assert convert(loaded, QuantMode.none)[4:8] == b"TFL3"
 
 
+@pytest.mark.slow  # shares the study
 def test_the_baseline_is_not_pruned_with_its_flattened_copy(study):
     """tfmot prunes the very layer objects it wraps: those of the flat copy, never the baseline."""
     _, baseline, x, before = study

@@ -39,6 +39,7 @@ def _uri(tmp: Path) -> str:
     return f"sqlite:///{tmp}/mlruns/mlflow.db"
 
 
+@pytest.mark.slow  # a subprocess sweep (60 s); test_report_audit checks the report on stores
 def test_the_report_finds_the_pareto_set_and_recommends_within_budget(study, caplog):
     tmp, sweep = study
     out = tmp / "report"
@@ -72,6 +73,7 @@ def test_the_report_finds_the_pareto_set_and_recommends_within_budget(study, cap
     assert keras[0].source.endswith("model/model.keras")
 
 
+@pytest.mark.slow  # shares that sweep
 def test_the_report_says_which_constraint_binds_when_no_run_fits(study, caplog):
     tmp, _ = study
     args = ["--tracking-uri", _uri(tmp), "--out", str(tmp / "r3"), "--max-size-kb", "0.01",

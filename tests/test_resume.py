@@ -124,6 +124,7 @@ def test_dry_run_lists_every_job_without_tensorflow_and_matches_the_real_run(tmp
         assert [(k, "train" if v == "trained" else "reuse") for k, v in actual] == expected
 
 
+@pytest.mark.slow  # two subprocess sweeps: 45 s; test_sweep_record covers the records fast
 def test_a_failing_job_is_recorded_and_the_rest_of_the_sweep_finishes(tmp_path):
     sweep = multirun(
         tmp_path, "prune.sparsity=1.5,0.8", returncode=EXIT_SWEEP_INCOMPLETE, name="bad"

@@ -110,7 +110,7 @@ def test_a_failing_run_is_recorded_failed(compose_cfg, tmp_path, tracking_uri, m
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(fallopt.stages, "train_model", broken)
+    monkeypatch.setattr(fallopt.stages, "fit_baseline", broken)
     with pytest.raises(RuntimeError):
         _run(compose_cfg, tmp_path, tracking_uri, *TINY)
     client = MlflowClient(tracking_uri)
@@ -126,7 +126,7 @@ def test_ctrl_c_ends_the_run_killed(compose_cfg, tmp_path, tracking_uri, monkeyp
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fallopt.stages, "train_model", interrupted)
+    monkeypatch.setattr(fallopt.stages, "fit_baseline", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run(compose_cfg, tmp_path, tracking_uri, *TINY)
     client = MlflowClient(tracking_uri)
@@ -157,6 +157,7 @@ def test_bad_data_fails_before_any_run_is_created(compose_cfg, tmp_path, trackin
     assert client.search_runs([client.get_experiment_by_name("fallopt").experiment_id]) == []
 
 
+@pytest.mark.slow  # a third real data set: the HDS and CAUCA runs cover the default path
 def test_digits_run(compose_cfg, tmp_path, tracking_uri):
     *_, run = _run(
         compose_cfg, tmp_path, tracking_uri, "dataset=digits", "model=hds_cnn", "train.epochs=1"

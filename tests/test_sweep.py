@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from .conftest import CONF, Sweep, multirun
@@ -63,6 +64,7 @@ def check_grid(sweep: Sweep) -> None:
     assert "database is locked" not in sweep.output
 
 
+@pytest.mark.slow  # the joblib grid sweep: 50 s (the sparsity sweep above runs in-suite)
 def test_prune_by_quant_grid_in_two_parallel_jobs_trains_each_model_once(grid_sweep):
     _, sweep = grid_sweep
     check_grid(sweep)

@@ -205,8 +205,23 @@ class TrainConfig:
     learning_rate: float = 1e-3
     val_split: float = 0.2
     optimizer: Optimizer = Optimizer.adam
+    # Random per-batch changes to training images only (fallopt.augment.AUGMENTATIONS).
+    augment: list[str] = field(default_factory=list)
+    rotation_degrees: float = 15.0  # `rotate` turns by up to +/- this
+    zoom: float = 0.1  # `zoom` scales by up to +/- this fraction
+
+    def ignored(self) -> set[str]:
+        """An augmentation's magnitude matters only when it is listed."""
+        return {k for k, op in (("rotation_degrees", "rotate"), ("zoom", "zoom"))
+                if op not in self.augment}  # fmt: skip
 
     def __post_init__(self) -> None:
+        from fallopt.augment import check_augment
+
+        check_augment(self.augment)
+        require(0 < self.rotation_degrees <= 180, "train.rotation_degrees",
+                self.rotation_degrees, "must satisfy 0 < degrees <= 180")  # fmt: skip
+        require(0 < self.zoom < 1, "train.zoom", self.zoom, "must satisfy 0 < zoom < 1")
         if self.epochs is not None:
             require(self.epochs >= 0, "train.epochs", self.epochs, "must be >= 0")
         require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")

@@ -18,7 +18,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
 from fallopt.errors import ConfigError
-from fallopt.identity import file_digest
 
 
 def require(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -30,7 +29,8 @@ def require(ok: bool, key: str, value: Any, rule: str) -> None:
 SEED_RANGE = 2**32  # numpy's and scikit-learn's seeds: 0 <= seed < 2**32
 
 
-def _check_seed(key: str, value: int) -> None:
+def check_seed(key: str, value: int) -> None:
+    """Require a seed numpy and scikit-learn accept."""
     require(0 <= value < SEED_RANGE, key, value, f"must satisfy 0 <= {key} < 2**32")
 
 
@@ -46,10 +46,18 @@ def check_fraction(key: str, value: float, *, allow_zero: bool) -> None:
 
 @dataclass
 class DatasetConfig:
-    """Fields every data set has. `limit` caps the train pool and the test set (smoke runs)."""
+    """Fields every data set has (one module each in `fallopt/data/`).
+
+    `limit` caps the train pool and the test set (smoke runs). `positive_class` is the event
+    the recall and false-alarm metrics are about (null: `fall` where there is such a class).
+    `split_by_group`: when the data names a group per image (a video, a person), validation
+    and test splits keep each group whole, so near-duplicate frames cannot leak across them.
+    """
 
     name: str = MISSING
     limit: int | None = None
+    positive_class: str | None = None
+    split_by_group: bool = True
 
     def __post_init__(self) -> None:
         if self.limit is not None:
@@ -63,92 +71,37 @@ class DatasetConfig:
         return {}
 
 
-@dataclass
-class SyntheticFallsConfig(DatasetConfig):
-    """Generated CAUCA-style crops; `seed` fixes the images, independent of the training seed."""
-
-    name: str = "synthetic_falls"
-    image_size: int = 96
-    channels: int = 3
-    n_train: int = 2000
-    n_test: int = 500
-    seed: int = 0
-    cache_dir: str | None = None  # default: $FALLOPT_CACHE or ~/.cache/fallopt
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_seed("dataset.seed", self.seed)
-        require(self.image_size >= 8, "dataset.image_size", self.image_size, "must be >= 8")
-        require(self.channels in (1, 3), "dataset.channels", self.channels, "must be 1 or 3")
-        for key in ("n_train", "n_test"):
-            n = getattr(self, key)
-            require(n >= 10, f"dataset.{key}", n, "must be >= 10 (one image per activity)")
-
-    def ignored(self) -> set[str]:
-        """Where the images are cached does not change them."""
-        return {"cache_dir"}
-
-    def sources(self) -> dict[str, str]:
-        """The generator's version: a new drawing makes new images."""
-        from fallopt.data.synthetic_falls import GENERATOR_VERSION
-
-        return {"generator": str(GENERATOR_VERSION)}
+RESIZE_FILTERS = ("bilinear", "nearest", "bicubic", "lanczos", "box")
 
 
 @dataclass
-class CaucaConfig(DatasetConfig):
-    """The lab's CAUCA pickles; the test pickle is the held-out test set."""
+class ImageFilesConfig(DatasetConfig):
+    """A data set read from files: images are resized and converted to one shape.
 
-    name: str = "cauca"
-    train_path: str = "data/cauca/data_train_96_96_3.pickle"
-    test_path: str = "data/cauca/data_test_96_96_3.pickle"
+    `image_size: [height, width]` and `channels` (1 or 3) default to the first image's.
+    `resize_filter` is Pillow's (`bilinear`, as Keras' image_dataset_from_directory; `box`
+    averages areas). `test_split` is used when the files hold no test set of their own.
+    """
 
-    def ignored(self) -> set[str]:
-        """Paths: the contents count (`sources`), so the same files moved are the same run."""
-        return {"train_path", "test_path"}
-
-    def sources(self) -> dict[str, str]:
-        """The pickles' contents: a new file at the same path is new data."""
-        return {"train": file_digest(self.train_path), "test": file_digest(self.test_path)}
-
-
-@dataclass
-class HdsConfig(DatasetConfig):
-    """The lab's hand-drawn shapes pickle; the test set is a stratified split of it."""
-
-    name: str = "hds"
-    path: str = "../shared/data/hds/hds_data.pickle"
+    image_size: list[int] | None = None
+    channels: int | None = None
+    resize_filter: str = "bilinear"
     test_split: float = 0.2
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.image_size is not None:
+            ok = len(self.image_size) == 2 and min(self.image_size) >= 1
+            require(ok, "dataset.image_size", self.image_size, "must be [height, width] >= 1")
+        if self.channels is not None:
+            require(self.channels in (1, 3), "dataset.channels", self.channels, "must be 1 or 3")
+        require(self.resize_filter in RESIZE_FILTERS, "dataset.resize_filter",
+                self.resize_filter, f"choose from {list(RESIZE_FILTERS)}")  # fmt: skip
         check_fraction("dataset.test_split", self.test_split, allow_zero=False)
 
     def ignored(self) -> set[str]:
-        """The path: the content counts (`sources`)."""
-        return {"path"}
-
-    def sources(self) -> dict[str, str]:
-        """The pickle's content."""
-        return {"data": file_digest(self.path)}
-
-
-@dataclass
-class DigitsConfig(DatasetConfig):
-    """scikit-learn's bundled 8x8 handwritten digits; the test set is a stratified split."""
-
-    name: str = "digits"
-    test_split: float = 0.2
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_fraction("dataset.test_split", self.test_split, allow_zero=False)
-
-    def sources(self) -> dict[str, str]:
-        """The file scikit-learn ships the digits in."""
-        from importlib.resources import files
-
-        return {"data": file_digest(str(files("sklearn.datasets.data") / "digits.csv.gz"))}
+        """The filter matters only when something is resized to a size given here."""
+        return set() if self.image_size is not None else {"resize_filter"}
 
 
 # --- model -----------------------------------------------------------------------------------
@@ -406,7 +359,7 @@ class FalloptConfig:
     objectives: list[str] = field(default_factory=lambda: ["val_accuracy"])
 
     def __post_init__(self) -> None:
-        _check_seed("seed", self.seed)
+        check_seed("seed", self.seed)
         require(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = automatic)")
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
         require(not unknown and bool(self.objectives), "objectives", self.objectives,
@@ -423,26 +376,20 @@ OBJECTIVES: dict[str, bool] = {
     "tflite_latency_ms": False,
     "keras_gzip_bytes": False,
 }
-# Objectives only two-class data sets have: refused before training on other data.
-BINARY_OBJECTIVES = ("tflite_test_fall_recall",)
-DATASET_SCHEMAS: dict[str, type[DatasetConfig]] = {
-    "synthetic_falls": SyntheticFallsConfig,
-    "cauca": CaucaConfig,
-    "hds": HdsConfig,
-    "digits": DigitsConfig,
-}
+# Objectives that need the data set's positive class to be `fall`: refused on other data.
+FALL_OBJECTIVES = ("tflite_test_fall_recall",)
 
 
 def register_configs() -> None:
     """Store the schemas where conf/ files can extend them (`schema/<group>/<name>`)."""
-    from fallopt.models import schemas  # its modules extend ModelConfig, defined above
+    # Their modules extend DatasetConfig and ModelConfig, defined above.
+    from fallopt import data, models
 
     cs = ConfigStore.instance()
     cs.store(name="fallopt_schema", node=FalloptConfig)
-    for name, schema in DATASET_SCHEMAS.items():
-        cs.store(group="schema/dataset", name=name, node=schema)
-    for name, schema in schemas().items():
-        cs.store(group="schema/model", name=name, node=schema)
+    for group, registry in (("dataset", data), ("model", models)):
+        for name, schema in registry.schemas().items():
+            cs.store(group=f"schema/{group}", name=name, node=schema)
     for group, schema in (
         ("train", TrainConfig),
         ("prune", PruneConfig),
@@ -475,17 +422,15 @@ def validate(cfg: DictConfig) -> FalloptConfig:
         typed.train.epochs,
         f"model={typed.model.name} is an architecture: it needs >= 1 epoch of training",
     )
-    if not isinstance(typed.dataset, tuple(DATASET_SCHEMAS.values())):
-        raise ConfigError(
-            f"dataset={typed.dataset.name!r} has no schema; known: {sorted(DATASET_SCHEMAS)}"
-        )
-    from fallopt.models import schemas
+    from fallopt import data, models
 
-    if type(typed.model) not in schemas().values():
-        raise ConfigError(
-            f"model={typed.model.name!r} does not extend a model source's schema "
-            f"(/schema/model/<source>); sources: {sorted(schemas())}"
-        )
+    for group, registry in (("dataset", data), ("model", models)):
+        node = getattr(typed, group)
+        if type(node) not in registry.schemas().values():
+            raise ConfigError(
+                f"{group}={node.name!r} does not extend a {group} source's schema "
+                f"(/schema/{group}/<source>); sources: {sorted(registry.schemas())}"
+            )
     return typed
 
 

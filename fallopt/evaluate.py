@@ -30,20 +30,25 @@ class Evaluation:
     f1: np.ndarray
     predictions: np.ndarray
 
-    def metrics(self, class_names: Sequence[str], prefix: str = "test") -> dict[str, float]:
-        """Flat metric names for MLflow; binary sets add fall recall and false-alarm rate.
+    def metrics(
+        self, class_names: Sequence[str], prefix: str = "test", positive: int | None = None
+    ) -> dict[str, float]:
+        """Flat metric names for MLflow, and the event metrics when there is a `positive` class.
 
-        In a binary set class 1 is the positive (fall) class.
+        `{prefix}_<class>_recall` (`test_fall_recall` on the fall data sets) is the share of
+        the positive class's images found; `{prefix}_false_alarm_rate` the share of all other
+        images predicted as it.
         """
         out = {f"{prefix}_accuracy": self.accuracy, f"{prefix}_loss": self.loss}
         for i, name in enumerate(class_names):
             out[f"{prefix}_precision_{name}"] = float(self.precision[i])
             out[f"{prefix}_recall_{name}"] = float(self.recall[i])
             out[f"{prefix}_f1_{name}"] = float(self.f1[i])
-        if len(class_names) == 2:
-            (tn, fp), (_, _) = self.confusion
-            out[f"{prefix}_fall_recall"] = float(self.recall[1])
-            out[f"{prefix}_false_alarm_rate"] = float(fp / (tn + fp)) if tn + fp else 0.0
+        if positive is not None:
+            others = np.delete(self.confusion, positive, axis=0)
+            alarms, negatives = others[:, positive].sum(), others.sum()
+            out[f"{prefix}_{class_names[positive]}_recall"] = float(self.recall[positive])
+            out[f"{prefix}_false_alarm_rate"] = float(alarms / negatives) if negatives else 0.0
         return out
 
 

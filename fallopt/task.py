@@ -27,7 +27,7 @@ from fallopt.compress.quantize import (
 )
 from fallopt.compress.schedule import Schedule, plan_schedule
 from fallopt.config import (
-    BINARY_OBJECTIVES,
+    FALL_OBJECTIVES,
     FalloptConfig,
     PruneMethod,
     QuantMode,
@@ -55,11 +55,13 @@ def _preflight(cfg: FalloptConfig, data: Dataset) -> tuple[Schedule | None, np.n
 
     Returns the pruning schedule (None for prune=none) and the int8 calibration images.
     """
-    binary_only = [name for name in cfg.objectives if name in BINARY_OBJECTIVES]
-    if binary_only and data.num_classes != 2:
+    fall_only = [name for name in cfg.objectives if name in FALL_OBJECTIVES]
+    positive = None if data.positive is None else data.class_names[data.positive]
+    if fall_only and positive != "fall":
         raise ConfigError(
-            f"objectives={cfg.objectives} names {binary_only}, which only two-class data sets "
-            f"have; {data.name} has {data.num_classes} classes. Choose other objectives"
+            f"objectives={cfg.objectives} names {fall_only}, which only data sets whose "
+            f"positive class is 'fall' have; {data.name}'s is {positive!r} (classes "
+            f"{list(data.class_names)}). Choose other objectives"
         )
     model = build_model(cfg.model, data.input_shape, data.num_classes)  # checks the shape
     if cfg.quant.mode in AWARE:
@@ -218,15 +220,13 @@ def _evaluate(
     stat = final.model_file.stat()
     model = _load_model(final.model_file, stat.st_mtime_ns, stat.st_size)
     evaluation = evaluate_keras(model, data.test, _rule(cfg))
-    metrics = evaluation.metrics(data.class_names, prefix="test")
-    log.info(
-        "[evaluate] test_accuracy %.3f%s",
-        evaluation.accuracy,
-        f", fall recall {metrics['test_fall_recall']:.3f}, false alarms "
-        f"{metrics['test_false_alarm_rate']:.3f}"
-        if "test_fall_recall" in metrics
-        else "",
-    )
+    metrics = evaluation.metrics(data.class_names, "test", data.positive)
+    event = ""
+    if data.positive is not None:
+        name = data.class_names[data.positive]
+        event = (f", {name} recall {metrics[f'test_{name}_recall']:.3f}, false alarms "
+                 f"{metrics['test_false_alarm_rate']:.3f}")  # fmt: skip
+    log.info("[evaluate] test_accuracy %.3f%s", evaluation.accuracy, event)
     sizes = _size_metrics(base, final, model)
     log.info(
         "[size] %s: %s bytes, gzip %s bytes (%.2fx baseline), %s non-zero parameters",
@@ -276,7 +276,7 @@ def _quantize(
     seconds = time.perf_counter() - start
     evaluation = evaluate_probabilities(data.test.y, probs)
     size = file_size(tflite_file)
-    metrics = evaluation.metrics(data.class_names, prefix="tflite_test")
+    metrics = evaluation.metrics(data.class_names, "tflite_test", data.positive)
     metrics.update(
         {
             "tflite_size_bytes": size.raw_bytes,
@@ -408,6 +408,7 @@ def run_experiment(
         "fallopt.dataset": data.name,
         "fallopt.model": cfg.model.name,
         "fallopt.classes": ",".join(data.class_names),
+        "fallopt.positive_class": "" if data.positive is None else data.class_names[data.positive],
         "fallopt.size_file": f"{SIZE_FILE}: final model, pruning stripped, no optimizer state",
         "fallopt.figures": _figures_tag(cfg),
         **track.owner_tags(),
@@ -418,6 +419,7 @@ def run_experiment(
     resolved = as_dict(cfg)  # as it runs: e.g. quant.threads after the cap for parallel jobs
     with track.tracked_run(experiment_id, run_name, tags) as run_id:
         track.log_params(flatten(resolved))
+        track.log_datasets(data.name, data.origin, {k: v.digest for k, v in data.splits().items()})
         config_file = output_dir / "config.yaml"
         config_file.write_text(OmegaConf.to_yaml(resolved))
         track.log_artifacts([config_file])

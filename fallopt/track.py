@@ -248,3 +248,29 @@ def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
     """Copy files into the run's artifact store."""
     for path in paths:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+# MLflow's names for what a split is used for (its runs table shows them under Datasets).
+_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+
+
+def log_datasets(name: str, origin: str, digests: dict[str, str]) -> None:
+    """Log each split as an MLflow dataset input: name, content digest and source.
+
+    Only this description is stored, never the images, so it costs nothing at any size.
+    """
+    import warnings
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if Path(origin).exists():
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": all local
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(Path(origin).resolve()))
+    else:  # a generator, not a file
+        source = CodeDatasetSource({"origin": origin})
+    for split, digest in digests.items():
+        dataset = MetaDataset(source, name=f"{name}-{split}", digest=digest)
+        mlflow.log_input(dataset, context=_CONTEXTS.get(split, split))

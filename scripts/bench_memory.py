@@ -73,8 +73,8 @@ def lab_data_flow(folder: Path, steps: int, model) -> None:
 
 def fallopt_data_flow(folder: Path, steps: int, model) -> None:
     """fallopt: the cauca loader and splits, then the pipeline `train.fit` feeds Keras."""
-    from fallopt.config import CaucaConfig
     from fallopt.data import load_dataset
+    from fallopt.data.cauca import CaucaConfig
     from fallopt.train import batches
 
     cfg = CaucaConfig(

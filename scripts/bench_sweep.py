@@ -44,8 +44,8 @@ def parse() -> argparse.Namespace:
 
 
 def dataset(args: argparse.Namespace):
-    from fallopt.config import SyntheticFallsConfig
     from fallopt.data import load_dataset
+    from fallopt.data.synthetic_falls import SyntheticFallsConfig
 
     cfg = SyntheticFallsConfig(image_size=args.image_size, n_train=args.n_train, n_test=args.n_test)
     return load_dataset(cfg, val_split=0.2, seed=0)

@@ -22,8 +22,9 @@ import lab_flow
 import numpy as np
 
 from fallopt.compress.quantize import convert, representative_images
-from fallopt.config import QuantMode, SyntheticFallsConfig
+from fallopt.config import QuantMode
 from fallopt.data import load_dataset
+from fallopt.data.synthetic_falls import SyntheticFallsConfig
 from fallopt.litert import TFLiteModel, host_cpu
 
 BATCH = 256

@@ -10,15 +10,10 @@ import time
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from fallopt.config import (
-    CaucaConfig,
-    ConfigError,
-    FalloptConfig,
-    HdsConfig,
-    SyntheticFallsConfig,
-    flatten,
-    validate,
-)
+from fallopt.config import ConfigError, FalloptConfig, flatten, validate
+from fallopt.data.cauca import CaucaConfig
+from fallopt.data.hds import HdsConfig
+from fallopt.data.synthetic_falls import SyntheticFallsConfig
 from fallopt.identity import config_hash, file_digest
 
 from .conftest import CONF, REPO
@@ -305,14 +300,13 @@ def test_yaml_sets_only_what_differs_from_its_schema(path):
     """A default lives in one place, the dataclass: a YAML repeating it would hide a change."""
     from omegaconf import OmegaConf
 
-    from fallopt import config
-    from fallopt.models import schemas
+    from fallopt import config, data, models
 
     found = re.search(r"/schema/(\w+)/(\w+)@_here_", path.read_text())
     if found is None:
         pytest.skip("not an option of a typed group")
     group, name = found.groups()
-    schema = {"dataset": config.DATASET_SCHEMAS, "model": schemas()}.get(group, {}).get(name)
+    schema = {"dataset": data.schemas(), "model": models.schemas()}.get(group, {}).get(name)
     schema = schema or getattr(config, f"{group.capitalize()}Config")
     defaults = _schema_defaults(schema)
     raw = OmegaConf.to_container(OmegaConf.load(path))

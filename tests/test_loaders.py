@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fallopt.config import CaucaConfig, DigitsConfig, HdsConfig, SyntheticFallsConfig
 from fallopt.data import load_dataset, safe_pickle
-from fallopt.data.dataset import Split, as_images, limit, stratified_split
+from fallopt.data.cauca import CaucaConfig
+from fallopt.data.dataset import Split, as_images, hold_out, limit
+from fallopt.data.digits import DigitsConfig
+from fallopt.data.hds import HdsConfig
+from fallopt.data.synthetic_falls import SyntheticFallsConfig
 from fallopt.errors import DataError
 
 from .conftest import SHARED, cauca_dict, write_pickle
@@ -369,7 +372,7 @@ def test_splits_are_views_in_file_order_with_the_classes_kept():
     y = np.arange(101) % 3
     ids = {x[i].tobytes(): i for i in range(101)}  # each image names its row in the file
     pool = x.copy()
-    train, val = stratified_split(Split(pool, y.copy()), 0.25, seed=0, what="t")
+    train, val, _ = hold_out(Split(pool, y.copy()), 0.25, seed=0, what="t", by_group=True)
     assert train.x.base is pool and val.x.base is pool  # reordered in place: no copy
     for part in (train, val):
         rows = [ids[image.tobytes()] for image in part.x]
@@ -379,5 +382,5 @@ def test_splits_are_views_in_file_order_with_the_classes_kept():
     assert sorted(ids[i.tobytes()] for i in np.concatenate([train.x, val.x])) == list(range(101))
     frozen = x.copy()
     frozen.flags.writeable = False  # e.g. a memory-mapped file: split by copying instead
-    copied, _ = stratified_split(Split(frozen, y), 0.25, seed=0, what="t")
+    copied, _, _ = hold_out(Split(frozen, y), 0.25, seed=0, what="t", by_group=True)
     assert np.array_equal(copied.x, train.x) and not np.shares_memory(copied.x, frozen)

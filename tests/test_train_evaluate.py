@@ -19,7 +19,7 @@ def test_binary_metrics_by_hand():
     ev = evaluate_probabilities(y, np.stack([1 - p_fall, p_fall], axis=1))
     # true no_fall: 4 right, 1 false alarm; true fall: 4 caught, 1 missed
     assert ev.confusion.tolist() == [[4, 1], [1, 4]]
-    m = ev.metrics(("no_fall", "fall"))
+    m = ev.metrics(("no_fall", "fall"), positive=1)
     assert m["test_accuracy"] == pytest.approx(0.8)
     assert m["test_fall_recall"] == pytest.approx(0.8)
     assert m["test_false_alarm_rate"] == pytest.approx(0.2)
@@ -33,6 +33,17 @@ def test_multiclass_has_per_class_scores_and_no_fall_metrics():
     probs = np.eye(3)[[0, 1, 1, 2]]
     m = evaluate_probabilities(y, probs).metrics(("a", "b", "c"))
     assert m["test_recall_c"] == pytest.approx(0.5) and m["test_precision_b"] == pytest.approx(0.5)
+    assert "test_fall_recall" not in m and "test_false_alarm_rate" not in m
+
+
+def test_the_event_metrics_follow_the_positive_class():
+    """A mask detector's event is `with_mask`, not "fall"; any class can be it, in any count."""
+    y = np.array([0, 0, 1, 1, 1, 2, 2, 2])
+    predicted = np.array([0, 1, 1, 1, 0, 2, 1, 2])
+    m = evaluate_probabilities(y, np.eye(3)[predicted]).metrics(("a", "with_mask", "c"), positive=1)
+    assert m["test_with_mask_recall"] == pytest.approx(2 / 3)
+    # images of a and c: 5, of which 2 were called with_mask
+    assert m["test_false_alarm_rate"] == pytest.approx(2 / 5)
     assert "test_fall_recall" not in m
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from fallopt.errors import DataError
 
@@ -52,24 +52,67 @@ def to_float(x: np.ndarray, rule: InputRule = UNIT) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Split:
-    """Images (n, height, width, channels) uint8 and class indices (n,) int64."""
+    """Images (n, height, width, channels) uint8, class indices (n,) int64, and groups.
+
+    `groups` (n,), when the data names them: the video or person each image comes from, kept
+    whole by splits.
+    """
 
     x: np.ndarray
     y: np.ndarray
+    groups: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.y)
 
+    def take(self, index: np.ndarray | slice) -> Split:
+        """The samples at `index` (a copy for an index array, a view for a slice)."""
+        groups = None if self.groups is None else self.groups[index]
+        return Split(self.x[index], self.y[index], groups)
+
+    @cached_property
+    def digest(self) -> str:
+        """A hash of the images and labels (once per split: 3 GB take seconds)."""
+        h = hashlib.sha256()
+        for array in (self.x, self.y):
+            h.update(str(array.shape).encode())
+            h.update(np.ascontiguousarray(array).data)
+        return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a data source reads: class names, the train pool, own test and validation sets.
+
+    The test and validation sets are the files' own when they have them (else split off).
+    `origin` says where the images came from (a path, a generator); `notes` what was done to
+    them on the way (resized, converted, skipped), for the `[data]` line.
+    """
+
+    class_names: tuple[str, ...]
+    pool: Split
+    test: Split | None = None
+    val: Split | None = None
+    origin: str = ""
+    notes: tuple[str, ...] = ()
+
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train, validation and test splits with the names of their classes."""
+    """Train, validation and test splits with the names of their classes.
+
+    `positive` indexes the event class the recall and false-alarm metrics are about (None:
+    the data set has none). `notes` say how the data was read and split.
+    """
 
     name: str
     class_names: tuple[str, ...]
     train: Split
     val: Split
     test: Split
+    positive: int | None = None
+    origin: str = ""
+    notes: tuple[str, ...] = ()
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -81,21 +124,25 @@ class Dataset:
         """How many classes the labels index."""
         return len(self.class_names)
 
+    def splits(self) -> dict[str, Split]:
+        """The splits by name, in training order."""
+        return {"train": self.train, "val": self.val, "test": self.test}
+
     def fingerprint(self) -> str:
         """A hash of every image and label of every split: a changed file changes it."""
-        h = hashlib.sha256()
-        for split in (self.train, self.val, self.test):
-            for array in (split.x, split.y):
-                h.update(str(array.shape).encode())
-                h.update(np.ascontiguousarray(array).data)
-        return h.hexdigest()[:16]
+        digests = "".join(split.digest for split in self.splits().values())
+        return hashlib.sha256(digests.encode()).hexdigest()[:16]
 
     def describe(self) -> str:
-        """One line for the log."""
+        """One line for the log: sizes, shape, classes, and how the data was read and split."""
         h, w, c = self.input_shape
+        positive = (
+            "" if self.positive is None else f", positive class {self.class_names[self.positive]!r}"
+        )
         return (
             f"{self.name}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test, "
-            f"{h}x{w}x{c}, classes {list(self.class_names)}"
+            f"{h}x{w}x{c}, classes {list(self.class_names)}{positive}"
+            + "".join(f"; {note}" for note in self.notes)
         )
 
 
@@ -163,15 +210,53 @@ def as_labels(labels: Any, n: int, valid: Sequence[int], source: str, expected: 
     return y.astype(np.int64)
 
 
-def stratified_split(split: Split, fraction: float, seed: int, what: str) -> tuple[Split, Split]:
-    """Split off `fraction` of the samples (rounded up), keeping the class proportions.
+def as_groups(groups: Any, n: int, source: str) -> np.ndarray:
+    """One group id per image (a video, a person) as strings; ids may be text or integers."""
+    if not isinstance(groups, list | tuple | np.ndarray) or len(groups) != n:
+        count = len(groups) if hasattr(groups, "__len__") else type(groups).__name__
+        raise DataError(
+            f"{source}: {count} groups for {n} images; give one group id (a video or person "
+            "name) per image, in the order of the images"
+        )
+    return np.asarray([str(g) for g in groups])
 
-    The parts are views of `split`'s images, which are reordered in place (no copy).
+
+def hold_out(
+    split: Split, fraction: float, seed: int, what: str, by_group: bool
+) -> tuple[Split, Split, str]:
+    """Split off `fraction` of the samples, every class in both parts; say how.
+
+    With groups (and `by_group`), whole groups are held out, stratified by label where the
+    groups allow: frames of one video in both parts would measure memory. Otherwise the
+    samples are drawn at random, stratified, `fraction` rounded up. The parts are views of
+    `split`'s images, which are reordered in place (no copy).
 
     Raises:
-        DataError: when the split would leave a part without every class.
+        DataError: when no split leaves every class in both parts.
     """
-    return _split_off(split, int(np.ceil(len(split) * fraction)), seed, what)
+    if by_group and split.groups is not None:
+        keep, held = _group_indices(split, fraction, seed, what)
+        n_groups, n_held = len(np.unique(split.groups)), len(np.unique(split.groups[held]))
+        how = f"{what} by group: {n_held} of {n_groups} groups, {len(held)} images"
+    else:
+        keep, held = _random_indices(split, int(np.ceil(len(split) * fraction)), seed, what)
+        ignored = "" if split.groups is None else " (groups ignored: dataset.split_by_group=false)"
+        how = f"{what} at random, stratified: {len(held)} images{ignored}"
+    kept, held_out = _reordered(split, keep, held)
+    return kept, held_out, f"{how} ({len(held) / len(split):.0%})"
+
+
+def check_disjoint(train: Split, test: Split, where: str) -> None:
+    """Refuse a test set that shares a group (a video, a person) with the training data."""
+    if train.groups is None or test.groups is None:
+        return
+    shared = sorted(set(np.unique(train.groups).tolist()) & set(np.unique(test.groups).tolist()))
+    if shared:
+        raise DataError(
+            f"{where}: groups {shared[:5]} are in both the training and the test data, so the "
+            "test would measure images the model has seen; keep each video or person in one "
+            "of them"
+        )
 
 
 def limit(split: Split, n: int | None, seed: int) -> Split:
@@ -184,8 +269,7 @@ def limit(split: Split, n: int | None, seed: int) -> Split:
     for c in np.unique(split.y):
         members = order[split.y[order] == c]
         quantile[members] = (np.arange(len(members)) + 0.5) / len(members)
-    kept = np.sort(np.argsort(quantile, kind="stable")[:n])
-    return Split(split.x[kept], split.y[kept])
+    return split.take(np.sort(np.argsort(quantile, kind="stable")[:n]))
 
 
 def _reorder_rows(x: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -207,17 +291,61 @@ def _reorder_rows(x: np.ndarray, order: np.ndarray) -> np.ndarray:
     return x
 
 
-def _split_off(split: Split, n_held: int, seed: int, what: str) -> tuple[Split, Split]:
+def _reordered(split: Split, keep: np.ndarray, held: np.ndarray) -> tuple[Split, Split]:
+    order = np.concatenate([np.sort(keep), np.sort(held)])  # each part in file order
+    x = _reorder_rows(split.x, order)
+    whole = Split(x, split.y[order], None if split.groups is None else split.groups[order])
+    n = len(keep)
+    return whole.take(slice(None, n)), whole.take(slice(n, None))  # views of one array
+
+
+def _unsplittable(split: Split, what: str, detail: str) -> DataError:
+    return DataError(
+        f"cannot split {len(split)} samples of {len(np.unique(split.y))} classes into {what}: "
+        f"{detail}. Use more data (raise dataset.limit) or another fraction"
+    )
+
+
+def _random_indices(
+    split: Split, n_held: int, seed: int, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
     n_classes = len(np.unique(split.y))
     if n_held < n_classes or len(split) - n_held < n_classes:
-        raise DataError(
-            f"cannot split {len(split)} samples of {n_classes} classes into {what}: "
-            f"{n_held} held out leaves a part without some class. Use more data (raise "
-            "dataset.limit) or another fraction"
-        )
+        raise _unsplittable(split, what, f"{n_held} held out leaves a part without some class")
     keep, held = train_test_split(
         np.arange(len(split)), test_size=n_held, stratify=split.y, random_state=seed
     )
-    order = np.concatenate([np.sort(keep), np.sort(held)])  # each part in file order
-    x, y, n = _reorder_rows(split.x, order), split.y[order], len(keep)
-    return Split(x[:n], y[:n]), Split(x[n:], y[n:])  # views of one array
+    return keep, held
+
+
+def _group_indices(
+    split: Split, fraction: float, seed: int, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Whole groups held out: of the stratified group folds, the one nearest `fraction`."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_groups = len(np.unique(split.groups))
+    folds = min(n_groups, max(2, round(1 / fraction)))
+    if n_groups < 2:
+        raise _unsplittable(split, what, "all images are of one group")
+    classes = set(np.unique(split.y).tolist())
+    splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    with warnings.catch_warnings():  # "least populated class has fewer members than folds"
+        warnings.simplefilter("ignore", UserWarning)
+        for keep, held in splitter.split(np.zeros(len(split)), split.y, split.groups):
+            both = set(split.y[keep].tolist()) == classes == set(split.y[held].tolist())
+            gap = abs(len(held) / len(split) - fraction)
+            if both and (best is None or gap < best[0]):
+                best = (gap, keep, held)
+    if best is None:
+        raise _unsplittable(
+            split, what, f"no way to hold out whole groups of the {n_groups} leaves every class "
+            "in both parts (add groups, or set dataset.split_by_group=false to split at random, "
+            "which lets near-duplicate images leak)"
+        )  # fmt: skip
+    return best[1], best[2]

@@ -15,6 +15,7 @@ for the lab's held-out test subjects.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import zipfile
@@ -23,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from fallopt.config import DatasetConfig, check_seed, require
+from fallopt.data.dataset import Loaded, Split
 
 # Bump when the drawing changes, so stale caches are never reused.
 GENERATOR_VERSION = 2
@@ -357,3 +361,54 @@ def load_or_generate(
     np.savez(tmp, images=images, labels=labels, sha256=_digest(images, labels))
     os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
     return images, labels
+
+
+@dataclass
+class SyntheticFallsConfig(DatasetConfig):
+    """Generated CAUCA-style crops; `seed` fixes the images, independent of the training seed."""
+
+    name: str = "synthetic_falls"
+    image_size: int = 96
+    channels: int = 3
+    n_train: int = 2000
+    n_test: int = 500
+    seed: int = 0
+    cache_dir: str | None = None  # default: $FALLOPT_CACHE or ~/.cache/fallopt
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_seed("dataset.seed", self.seed)
+        require(self.image_size >= 8, "dataset.image_size", self.image_size, "must be >= 8")
+        require(self.channels in (1, 3), "dataset.channels", self.channels, "must be 1 or 3")
+        for key in ("n_train", "n_test"):
+            n = getattr(self, key)
+            require(n >= 10, f"dataset.{key}", n, "must be >= 10 (one image per activity)")
+
+    def ignored(self) -> set[str]:
+        """Where the images are cached does not change them."""
+        return {"cache_dir"}
+
+    def sources(self) -> dict[str, str]:
+        """The generator's version: a new drawing makes new images."""
+        return {"generator": str(GENERATOR_VERSION)}
+
+
+SCHEMA = SyntheticFallsConfig
+
+
+def load(cfg: SyntheticFallsConfig) -> Loaded:
+    """The train pool and the test set of disjoint subjects, generated once and cached."""
+    from fallopt.data import default_cache_dir
+
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    sets = []
+    for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):
+        n = min(n, cfg.limit or n)  # every prefix is balanced: generate only what is used
+        if not cache_path(cache, n, cfg.seed, split, cfg.image_size, cfg.channels).exists():
+            logging.getLogger(__name__).info(
+                "[data] generating %d synthetic_falls %s images (cached in %s)", n, split, cache
+            )
+        x, y = load_or_generate(cache, n, cfg.seed, split, cfg.image_size, cfg.channels)
+        sets.append(Split(x, y))
+    origin = f"fallopt synthetic_falls generator v{GENERATOR_VERSION}, seed {cfg.seed}"
+    return Loaded(CLASS_NAMES, sets[0], sets[1], origin=origin)

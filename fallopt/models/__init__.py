@@ -10,11 +10,11 @@ a YAML file: nothing else lists the sources. Modules import no TensorFlow until 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from functools import cache
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
+
+from fallopt.registry import discover, owner
 
 # A layer a source names `fixed_*` is fixed preprocessing built into the model (VGG's colour
 # conversion): its weights are not learned, and pruning never selects it.
@@ -29,12 +29,7 @@ if TYPE_CHECKING:
 @cache
 def sources() -> dict[str, ModuleType]:
     """Every model source module, by name."""
-    found = {}
-    for info in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        if hasattr(module, "SCHEMA") and hasattr(module, "build"):
-            found[info.name] = module
-    return found
+    return discover(__name__, __path__, "build")
 
 
 def schemas() -> dict[str, type[ModelConfig]]:
@@ -44,10 +39,7 @@ def schemas() -> dict[str, type[ModelConfig]]:
 
 def source(cfg: ModelConfig) -> ModuleType:
     """The module of the source `cfg` is a config of."""
-    for module in sources().values():
-        if type(cfg) is module.SCHEMA:
-            return module
-    raise TypeError(f"no model source for {type(cfg).__name__}; known: {sorted(sources())}")
+    return owner(cfg, sources())
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> Any:

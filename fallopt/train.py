@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from fallopt.augment import Augmenter
 from fallopt.backend import keras
 from fallopt.config import Optimizer, TrainConfig
 from fallopt.data import UNIT, InputRule, Split
@@ -17,6 +19,8 @@ if TYPE_CHECKING:
 
 EpochHook = Callable[[int, dict[str, float]], None]
 
+log = logging.getLogger(__name__)
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and TensorFlow, and make TensorFlow's ops deterministic."""
@@ -27,7 +31,12 @@ def seed_everything(seed: int) -> None:
 
 
 def batches(
-    split: Split, batch_size: int, shuffle: bool = False, seed: int = 0, rule: InputRule = UNIT
+    split: Split,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    rule: InputRule = UNIT,
+    augmenter: Augmenter | None = None,
 ) -> tf.data.Dataset:
     """A tf.data pipeline over a split; images become float32 under `rule` batch by batch.
 
@@ -35,6 +44,13 @@ def batches(
     needed. `from_tensor_slices` would copy the whole split into a tensor, and a full
     shuffle buffer of its images would hold it once more. Shuffling the indices with the
     same seed gives the same order as shuffling the images did.
+
+    With an `augmenter` (training batches only) each batch is changed at random under a key
+    that tf.data draws for it from `augmenter.seed`, anew on every pass over the data set as
+    it reshuffles: each epoch changes the images differently, and a run with the same seed
+    repeats every epoch's changes. A generator advanced call by call would make each batch's
+    change depend on all calls before it: on how far an iterator stopped early (a `take`,
+    `steps_per_epoch`) had prefetched, and on anyone else reading the data set.
     """
     import tensorflow as tf
 
@@ -42,7 +58,12 @@ def batches(
     ds = tf.data.Dataset.range(len(split))
     if shuffle:
         ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
     scale, low = tf.constant(rule.scale, tf.float32), tf.constant(rule.low, tf.float32)
+
+    def scaled(pixels: tf.Tensor) -> tf.Tensor:
+        pixels = pixels * scale
+        return pixels + low if rule.low else pixels
 
     def gather(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         images, labels = tf.numpy_function(
@@ -50,10 +71,26 @@ def batches(
         )
         images.set_shape((None, *x.shape[1:]))
         labels.set_shape((None,))
-        scaled = tf.cast(images, tf.float32) * scale
-        return (scaled + low if rule.low else scaled), labels
+        return scaled(tf.cast(images, tf.float32)), labels
 
-    return ds.batch(batch_size).map(gather).prefetch(tf.data.AUTOTUNE)
+    def gather_augmented(index: tf.Tensor, key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        images, transforms, labels = tf.numpy_function(
+            lambda i, k: (*augmenter.prepare(x[i], k), y[i]),
+            [index, key],
+            (tf.uint8, tf.float32, tf.int64),
+            stateful=False,  # a function of the indices and the key alone
+        )
+        images.set_shape((None, *x.shape[1:]))
+        transforms.set_shape((None, 8))
+        labels.set_shape((None,))
+        return scaled(augmenter.warp(tf.cast(images, tf.float32), transforms)), labels
+
+    if augmenter is None:
+        ds = ds.map(gather)
+    else:
+        keys = tf.data.Dataset.random(seed=augmenter.seed, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip((ds, keys)).map(gather_augmented)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def compile_model(model: tf_keras.Model, cfg: TrainConfig) -> None:
@@ -87,6 +124,7 @@ def fit(
 
     `on_epoch_end(epoch, logs)` is called after every epoch (0-based), e.g. to stream
     metrics to MLflow; `callbacks` are passed to Keras (e.g. tfmot's UpdatePruningStep).
+    The training batches are augmented as `cfg.augment` says; validation batches never are.
     """
     k = keras()
     compile_model(model, cfg)
@@ -99,8 +137,11 @@ def fit(
                 )
             )
         )
+    augmenter = Augmenter.from_config(cfg, seed)
+    if augmenter is not None:
+        log.info("[train] augmenting training batches: %s", augmenter.describe())
     history = model.fit(
-        batches(train, cfg.batch_size, shuffle=True, seed=seed, rule=rule),
+        batches(train, cfg.batch_size, shuffle=True, seed=seed, rule=rule, augmenter=augmenter),
         validation_data=batches(val, cfg.batch_size, rule=rule),
         epochs=epochs,
         callbacks=callbacks,

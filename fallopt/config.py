@@ -7,6 +7,7 @@ TensorFlow is imported, so a bad value costs a second, not a model build.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -102,6 +103,25 @@ class ImageFilesConfig(DatasetConfig):
     def ignored(self) -> set[str]:
         """The filter matters only when something is resized to a size given here."""
         return set() if self.image_size is not None else {"resize_filter"}
+
+
+@dataclass
+class EncodedImagesConfig(ImageFilesConfig):
+    """Image files (PNG, JPEG, BMP) of a user's, decoded once into `$FALLOPT_CACHE`.
+
+    `class_names` fixes the classes' order or takes a subset (default: all, sorted).
+    `skip_bad` skips files that cannot be decoded, and counts them, instead of stopping.
+    """
+
+    class_names: list[str] | None = None
+    skip_bad: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        names = self.class_names
+        if names is not None:
+            ok = len(names) >= 2 and len(set(names)) == len(names)
+            require(ok, "dataset.class_names", names, "must name at least two distinct classes")
 
 
 # --- model -----------------------------------------------------------------------------------
@@ -380,8 +400,14 @@ OBJECTIVES: dict[str, bool] = {
 FALL_OBJECTIVES = ("tflite_test_fall_recall",)
 
 
+@functools.cache  # once per process
 def register_configs() -> None:
-    """Store the schemas where conf/ files can extend them (`schema/<group>/<name>`)."""
+    """Store the schemas where conf/ files can extend them (`schema/<group>/<name>`).
+
+    Called by whoever composes (`fallopt.run`, the tests), not on import: the data and model
+    sources it imports import this module, and registering while one of them is half
+    imported would miss it.
+    """
     # Their modules extend DatasetConfig and ModelConfig, defined above.
     from fallopt import data, models
 
@@ -397,9 +423,6 @@ def register_configs() -> None:
         ("tracking", TrackingConfig),
     ):
         cs.store(group=f"schema/{group}", name="base", node=schema)
-
-
-register_configs()
 
 
 def validate(cfg: DictConfig) -> FalloptConfig:

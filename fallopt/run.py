@@ -23,6 +23,7 @@ from fallopt.backend import native_logs
 from fallopt.errors import EXIT_USER_ERROR, FalloptError
 
 log = logging.getLogger("fallopt")
+config.register_configs()  # the typed schemas conf/ extends, before Hydra reads conf/
 
 
 # conf/ inside the package (so a wheel carries it), by absolute path: Hydra resolves a

@@ -22,7 +22,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 import fallopt  # noqa: F401  (sets TF_USE_LEGACY_KERAS before any test imports TensorFlow)
-import fallopt.config  # noqa: F401  (registers the schemas conf/ extends)
+import fallopt.config
+
+fallopt.config.register_configs()  # the schemas conf/ extends
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "fallopt" / "conf"

@@ -166,6 +166,7 @@ def test_digits_run(compose_cfg, tmp_path, tracking_uri):
     assert run.data.metrics["n_test"] == 360 and "test_recall_9" in run.data.metrics
 
 
+@pytest.mark.slow  # the same real data goes through files in test_hds_files in the default set
 def test_hds_run_on_the_real_data(compose_cfg, tmp_path, tracking_uri, hds_pickle):
     *_, run = _run(
         compose_cfg,

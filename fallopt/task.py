@@ -409,6 +409,7 @@ def run_experiment(
         "fallopt.model": cfg.model.name,
         "fallopt.classes": ",".join(data.class_names),
         "fallopt.positive_class": "" if data.positive is None else data.class_names[data.positive],
+        "fallopt.data": data.describe()[: track.MAX_TAG],  # how it was read and split
         "fallopt.size_file": f"{SIZE_FILE}: final model, pruning stripped, no optimizer state",
         "fallopt.figures": _figures_tag(cfg),
         **track.owner_tags(),

@@ -279,3 +279,19 @@ def test_real_fall_frames_validate_by_video(tmp_path):
     assert not set(data.train.groups) & set(data.val.groups)
     assert {0, 1} <= set(data.val.y.tolist())
     assert "by group" in data.describe()
+
+
+def test_pickled_images_are_resized_and_converted_like_files(tmp_path):
+    from .conftest import cauca_dict, write_pickle
+
+    train = write_pickle(tmp_path / "train.pickle", cauca_dict(40, size=16))
+    test = write_pickle(tmp_path / "test.pickle", cauca_dict(20, size=16, seed=1))
+    cfg = CaucaConfig(train_path=str(train), test_path=str(test), image_size=[8, 6], channels=1)
+    data = load_dataset(cfg, 0.25, 0)
+    assert data.input_shape == (8, 6, 1)
+    original = cauca_dict(20, size=16, seed=1)["data"][0]
+    expected = Image.fromarray(original).convert("L").resize((6, 8), Image.Resampling.BILINEAR)
+    assert data.test.x[0, ..., 0].tobytes() == np.asarray(expected).tobytes()
+    assert "20 images resized 16x16 to 8x6 (bilinear) and 3 channels converted to 1" in (
+        data.describe()
+    )

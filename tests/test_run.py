@@ -206,6 +206,7 @@ def test_cli_runs_end_to_end(tmp_path):
     assert run.info.status == "FINISHED"
 
 
+@pytest.mark.slow  # two full runs (16 s); the stage-store full-disk test stays in the default set
 def test_a_full_disk_while_logging_fails_the_run_and_leaves_earlier_runs_untouched(
     compose_cfg, tmp_path, tracking_uri, monkeypatch
 ):

@@ -133,6 +133,7 @@ def test_a_parent_deleted_during_the_sweep_costs_its_records_not_the_jobs(store,
     assert summarize  # imported above: the summary module loads without a parent
 
 
+@pytest.mark.slow  # a CLI sweep (17 s); the exit code logic is unit-tested above
 def test_keep_going_false_stops_the_sweep_at_an_unexpected_error(tmp_path):
     """Hydra records a job's exception and runs the next job: fallopt must exit instead."""
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"

@@ -106,7 +106,7 @@ def _channels_of(mode: str) -> int:
     return 1 if mode in _GRAY_MODES or mode.startswith("I;16") else 3
 
 
-def _conform(img: Image.Image, channels: int) -> tuple[Image.Image, bool]:
+def convert_mode(img: Image.Image, channels: int) -> tuple[Image.Image, bool]:
     """`img` as `L` or `RGB`, and whether that took a conversion. Alpha is dropped."""
     target = "L" if channels == 1 else "RGB"
     if img.mode == target:
@@ -153,7 +153,7 @@ def _decode_chunk(
         try:
             with Image.open(files[i]) as img:
                 img.load()  # decodes now, so a truncated file raises here (LOAD_TRUNCATED off)
-                img, converted = _conform(img, c)
+                img, converted = convert_mode(img, c)
                 resized = img.size != (w, h)
                 if resized:
                     img = img.resize((w, h), resample)

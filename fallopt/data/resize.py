@@ -12,11 +12,7 @@ import numpy as np
 from PIL import Image
 
 from fallopt.data.dataset import Split
-
-
-def pil_filter(name: str) -> Image.Resampling:
-    """Pillow's resampling filter of a `dataset.resize_filter` name (bilinear, box, ...)."""
-    return Image.Resampling[name.upper()]
+from fallopt.data.images import RESIZE_FILTERS, convert_mode
 
 
 def conform(
@@ -24,22 +20,22 @@ def conform(
 ) -> tuple[Split, str | None]:
     """`split` with images of `size` (height, width) and `channels`; a note of what changed.
 
-    Three channels become one by Pillow's luma (ITU-R 601-2); one becomes three by copying.
+    Converted and resized as decoded files are (`fallopt.data.images`): three channels
+    become one by Pillow's luma (ITU-R 601-2), one becomes three by copying.
     """
     n, h, w, c = split.x.shape
     target = (h, w) if size is None else (size[0], size[1])
     channels = channels or c
     if (h, w) == target and c == channels:
         return split, None
-    mode = "L" if channels == 1 else "RGB"
     out = np.empty((n, *target, channels), np.uint8)
-    resample = pil_filter(resize_filter)
 
     def one(i: int) -> None:  # Pillow releases the GIL while it converts and resizes
-        image = Image.fromarray(split.x[i, ..., 0] if c == 1 else split.x[i, ..., :3])
-        image = image.convert(mode)
+        image, _ = convert_mode(
+            Image.fromarray(split.x[i, ..., 0] if c == 1 else split.x[i]), channels
+        )
         if (h, w) != target:
-            image = image.resize((target[1], target[0]), resample)
+            image = image.resize((target[1], target[0]), RESIZE_FILTERS[resize_filter])
         out[i] = np.asarray(image).reshape(*target, channels)
 
     with ThreadPoolExecutor() as pool:

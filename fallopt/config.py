@@ -35,6 +35,14 @@ def check_seed(key: str, value: int) -> None:
     require(0 <= value < SEED_RANGE, key, value, f"must satisfy 0 <= {key} < 2**32")
 
 
+def check_pattern(key: str, value: str, problem: str) -> None:
+    """Require a regular expression that compiles; else `key=value is <problem>: <why>`."""
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ConfigError(f"{key}={value!r} is {problem}: {e}") from None
+
+
 def check_fraction(key: str, value: float, *, allow_zero: bool) -> None:
     """Require 0 (or 0 <) <= value < 1."""
     lo = "0 <=" if allow_zero else "0 <"
@@ -278,13 +286,8 @@ class PruneConfig:
         if self.end is not None:
             require(self.end > self.begin, "prune.end", self.end, "must be > prune.begin")
         if self.scope not in PRUNE_SCOPES:
-            try:
-                re.compile(self.scope)
-            except re.error as e:
-                raise ConfigError(
-                    f"prune.scope={self.scope!r} is neither one of {list(PRUNE_SCOPES)} nor a "
-                    f"valid layer-name pattern: {e}"
-                ) from None
+            not_a_scope = f"neither one of {list(PRUNE_SCOPES)} nor a valid layer-name pattern"
+            check_pattern("prune.scope", self.scope, not_a_scope)
         if self.m_by_n is not None:
             ok = len(self.m_by_n) == 2 and 0 < self.m_by_n[0] < self.m_by_n[1]
             require(ok, "prune.m_by_n", self.m_by_n, "must be [m, n] with 0 < m < n, e.g. [2, 4]")

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fallopt.config import EncodedImagesConfig, require
+from fallopt.config import EncodedImagesConfig, check_pattern, require
 from fallopt.data.dataset import Loaded, Split
 from fallopt.data.image_files import decode_set
 from fallopt.data.images import IMAGE_SUFFIXES, list_images, listing_digest
-from fallopt.errors import ConfigError, DataError
+from fallopt.errors import DataError
 
 SPLITS = ("train", "test", "val")
 LAYOUT = (
@@ -42,12 +42,7 @@ class ImageFolderConfig(EncodedImagesConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.group_pattern is not None:
-            try:
-                re.compile(self.group_pattern)
-            except re.error as e:
-                raise ConfigError(
-                    f"dataset.group_pattern={self.group_pattern!r} is not a regular expression: {e}"
-                ) from None
+            check_pattern("dataset.group_pattern", self.group_pattern, "not a regular expression")
         require(bool(self.path), "dataset.path", self.path, "must name a folder")
 
     def ignored(self) -> set[str]:

@@ -295,3 +295,16 @@ def test_pickled_images_are_resized_and_converted_like_files(tmp_path):
     assert "20 images resized 16x16 to 8x6 (bilinear) and 3 channels converted to 1" in (
         data.describe()
     )
+
+
+@pytest.mark.slow  # a full run; the loader itself is tested above
+def test_cifar_cnn_finally_has_its_data(compose_cfg, tmp_path, tracking_uri):
+    from .test_run import _run
+
+    _cifar(tmp_path / "cifar-10-batches-py", n=40)
+    *_, run = _run(compose_cfg, tmp_path, tracking_uri, "dataset=cifar10",
+                   f"dataset.path={tmp_path / 'cifar-10-batches-py'}", "model=cifar_cnn",
+                   "train.epochs=1", "prune=none", "quant=int8")  # fmt: skip
+    assert run.info.status == "FINISHED" and run.data.metrics["n_test"] == 40
+    assert run.data.metrics["params_total"] == 167_562  # the README's figure at 32x32x3
+    assert run.data.tags["fallopt.classes"].split(",")[9] == "class9"

@@ -64,6 +64,16 @@ def test_train_test_val_folders_are_the_splits(tmp_path):
     assert data.test.y.tolist() == [0, 0, 0, 1, 1]
 
 
+def test_test_and_val_folders_take_the_training_images_shape(tmp_path):
+    """Without dataset.image_size, the first training image sets the shape for every split."""
+    root = tmp_path / "imgs"
+    _folder(root / "train", {"a": 6, "b": 6}, size=8)
+    _folder(root / "test", {"a": 2, "b": 2}, size=12, seed=1)
+    data = load_dataset(ImageFolderConfig(path=str(root)), 0.25, 0)
+    assert data.test.x.shape[1:] == data.train.x.shape[1:] == (8, 8, 3)
+    assert "test: 4 resized to 8x8 (bilinear)" in data.describe()
+
+
 def test_class_names_fix_the_order_and_take_a_subset(tmp_path):
     _folder(tmp_path / "imgs", {"a": 6, "b": 6, "c": 6})
     cfg = ImageFolderConfig(path=str(tmp_path / "imgs"), class_names=["c", "a"])

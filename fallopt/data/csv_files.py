@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from fallopt.config import EncodedImagesConfig, require
 from fallopt.data.dataset import Loaded, Split
-from fallopt.data.image_files import decode_set
+from fallopt.data.image_files import decode_set, read_splits
 from fallopt.data.images import listing_digest
 from fallopt.errors import DataError
 from fallopt.identity import file_digest
@@ -127,7 +128,11 @@ def _normal(label: str) -> str:
 
 
 def _read_split(
-    cfg: CsvConfig, split: str, path: Path, classes: tuple[str, ...] | None
+    cfg: CsvConfig,
+    split: str,
+    path: Path,
+    classes: tuple[str, ...] | None,
+    like: Split | None,
 ) -> tuple[tuple[str, ...], Split, str | None]:
     rows = read_rows(path, cfg)
     labels = []
@@ -165,7 +170,7 @@ def _read_split(
             i = keep[int(np.argmin([bool(g) for g in groups]))]
             raise _row_error(path, i, f"no {cfg.group_column!r}; give every image a group")
     y = np.array([classes.index(labels[i]) for i in keep], np.int64)
-    split_data, note = decode_set(cfg, files, y, groups, path.parent, split)
+    split_data, note = decode_set(cfg, files, y, groups, path.parent, split, like)
     left_out = len(rows) - len(keep)
     if left_out:
         note = (
@@ -176,14 +181,4 @@ def _read_split(
 
 def load(cfg: CsvConfig) -> Loaded:
     """The train pool and, where the CSVs are given, the test and validation sets."""
-    classes: tuple[str, ...] | None = None
-    splits: dict[str, Split] = {}
-    notes = []
-    for split, path in cfg.csvs().items():
-        classes, splits[split], note = _read_split(cfg, split, path, classes)
-        notes += [note] if note else []
-    assert classes is not None
-    return Loaded(
-        classes, splits["train"], splits.get("test"), splits.get("val"),
-        origin=str(Path(cfg.train_csv).resolve()), notes=tuple(notes),
-    )  # fmt: skip
+    return read_splits(cfg.csvs(), partial(_read_split, cfg), Path(cfg.train_csv))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from fallopt.config import EncodedImagesConfig
-from fallopt.data.dataset import Split
+from fallopt.data.dataset import Loaded, Split
 from fallopt.data.images import decode_images
 
 
@@ -19,13 +19,22 @@ def decode_set(
     groups: np.ndarray | None,
     base: Path,
     what: str,
+    like: Split | None = None,
 ) -> tuple[Split, str | None]:
-    """Decode `files` (cached) as a split with their labels and groups; note what changed."""
+    """Decode `files` (cached) as a split with their labels and groups; note what changed.
+
+    Without `dataset.image_size` / `channels`, the first image sets the shape, and a test or
+    validation split takes the training split's (`like`), whatever its own first image is.
+    """
     from fallopt.data import default_cache_dir
 
     size = None if cfg.image_size is None else (cfg.image_size[0], cfg.image_size[1])
+    channels = cfg.channels
+    if like is not None:
+        _, h, w, c = like.x.shape
+        size, channels = size or (h, w), channels or c
     decoded = decode_images(
-        files, base, size=size, channels=cfg.channels, resize_filter=cfg.resize_filter,
+        files, base, size=size, channels=channels, resize_filter=cfg.resize_filter,
         skip_bad=cfg.skip_bad, cache_dir=default_cache_dir(), what=what,
     )  # fmt: skip
     kept = decoded.kept
@@ -41,3 +50,25 @@ def decode_set(
         if count
     ]  # fmt: skip
     return split, f"{what}: {', '.join(changes)}" if changes else None
+
+
+# (split name, where its files are listed, the training split's classes and images or None)
+# -> (classes, the split, a note)
+SplitReader = Callable[
+    [str, Path, tuple[str, ...] | None, Split | None], tuple[tuple[str, ...], Split, str | None]
+]
+
+
+def read_splits(places: dict[str, Path], read: SplitReader, origin: Path) -> Loaded:
+    """Read each split's files, training first: its classes and shape bind the others."""
+    classes: tuple[str, ...] | None = None
+    splits: dict[str, Split] = {}
+    notes = []
+    for split, place in places.items():
+        classes, splits[split], note = read(split, place, classes, splits.get("train"))
+        notes += [note] if note else []
+    assert classes is not None
+    return Loaded(
+        classes, splits["train"], splits.get("test"), splits.get("val"),
+        origin=str(origin.resolve()), notes=tuple(notes),
+    )  # fmt: skip

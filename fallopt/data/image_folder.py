@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from fallopt.config import EncodedImagesConfig, check_pattern, require
 from fallopt.data.dataset import Loaded, Split
-from fallopt.data.image_files import decode_set
+from fallopt.data.image_files import decode_set, read_splits
 from fallopt.data.images import IMAGE_SUFFIXES, list_images, listing_digest
 from fallopt.errors import DataError
 
@@ -100,7 +101,11 @@ def _group_of(pattern: re.Pattern[str], relative: str, path: Path) -> str:
 
 
 def _read_split(
-    cfg: ImageFolderConfig, split: str, folder: Path, classes: tuple[str, ...] | None
+    cfg: ImageFolderConfig,
+    split: str,
+    folder: Path,
+    classes: tuple[str, ...] | None,
+    like: Split | None,
 ) -> tuple[tuple[str, ...], Split, str | None]:
     """One split folder's images, labels and groups; the classes are the train folder's."""
     wanted = cfg.class_names if classes is None else None
@@ -131,22 +136,13 @@ def _read_split(
     if cfg.group_pattern is not None:
         pattern = re.compile(cfg.group_pattern)
         groups = np.array([_group_of(pattern, f.relative_to(folder).as_posix(), f) for f in files])
-    split_data, note = decode_set(cfg, files, np.array(labels, np.int64), groups, folder, split)
+    split_data, note = decode_set(
+        cfg, files, np.array(labels, np.int64), groups, folder, split, like
+    )
     return classes, split_data, note
 
 
 def load(cfg: ImageFolderConfig) -> Loaded:
     """The train pool and, when the folder has them, its own test and validation sets."""
     root = Path(cfg.path)
-    folders = split_folders(root)
-    classes: tuple[str, ...] | None = None
-    splits: dict[str, Split] = {}
-    notes = []
-    for split, folder in folders.items():
-        classes, splits[split], note = _read_split(cfg, split, folder, classes)
-        notes += [note] if note else []
-    assert classes is not None
-    return Loaded(
-        classes, splits["train"], splits.get("test"), splits.get("val"),
-        origin=str(root.resolve()), notes=tuple(notes),
-    )  # fmt: skip
+    return read_splits(split_folders(root), partial(_read_split, cfg), root)

@@ -311,3 +311,21 @@ def test_yaml_sets_only_what_differs_from_its_schema(path):
     defaults = _schema_defaults(schema)
     raw = OmegaConf.to_container(OmegaConf.load(path))
     assert [k for k, v in raw.items() if k in defaults and v == defaults[k]] == []
+
+
+@pytest.mark.parametrize(
+    "first", ["fallopt.data.images", "fallopt.data.cauca", "fallopt.models.conv", "fallopt.task"]
+)
+def test_every_source_is_registered_whatever_is_imported_first(first):
+    """Importing a data module before fallopt.config once failed (a circular import), and a
+    source imported first could have been registered without its own schema."""
+    code = (
+        f"import {first}; from fallopt import config, data, models; config.register_configs(); "
+        "from hydra.core.config_store import ConfigStore; "
+        "r = ConfigStore.instance().repo['schema']; "
+        "print(sorted(r['dataset']) == sorted(f'{n}.yaml' for n in data.schemas()), "
+        "sorted(r['model']) == sorted(f'{n}.yaml' for n in models.schemas()), len(data.schemas()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True", "7"]

@@ -7,6 +7,7 @@ the lab reported 0.884), with the classes and the test folder's file count.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -51,15 +52,22 @@ def hds_files(tmp_path_factory) -> Path:
     return root
 
 
-def _check(run, root: Path) -> None:
+def _check(run, root: Path, files: list[Path]) -> None:
     metrics, tags = run.data.metrics, run.data.tags
     assert run.info.status == "FINISHED"
     assert tags["fallopt.classes"] == "ellipse,rectangle,triangle"
     assert metrics["n_test"] == len(list((root / "test").rglob("*.png"))) == 900
     assert metrics["test_accuracy"] >= 0.85  # the lab: 0.884
-    assert {i.dataset.name for i in run.inputs.dataset_inputs} >= {
-        f"{tags['fallopt.dataset']}-{s}" for s in ("train", "val", "test")
-    }
+    inputs = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) >= {f"{tags['fallopt.dataset']}-{s}" for s in ("train", "val", "test")}
+    # The test split's logged digest, computed again from the PNG files in the order read.
+    x = np.stack([np.asarray(Image.open(f))[..., None] for f in files])
+    y = np.array([CLASS_NAMES.index(f.parent.name) for f in files], np.int64)
+    h = hashlib.sha256()
+    for array in (x, y):
+        h.update(str(array.shape).encode())
+        h.update(array.tobytes())
+    assert inputs[f"{tags['fallopt.dataset']}-test"].digest == h.hexdigest()[:16]
 
 
 def test_hds_as_an_image_folder_reaches_the_labs_accuracy(
@@ -67,7 +75,8 @@ def test_hds_as_an_image_folder_reaches_the_labs_accuracy(
 ):
     *_, run = _run(compose_cfg, tmp_path, tracking_uri, "dataset=image_folder",
                    f"dataset.path={hds_files}", *RUN)  # fmt: skip
-    _check(run, hds_files)
+    by_path = sorted((hds_files / "test").rglob("*.png"), key=lambda f: f.as_posix())
+    _check(run, hds_files, by_path)
 
 
 @pytest.mark.slow  # the same files through the other reader
@@ -75,7 +84,8 @@ def test_hds_as_csv_lists_reaches_the_labs_accuracy(compose_cfg, tmp_path, track
     *_, run = _run(compose_cfg, tmp_path, tracking_uri, "dataset=csv",
                    f"dataset.train_csv={hds_files / 'train.csv'}",
                    f"dataset.test_csv={hds_files / 'test.csv'}", *RUN)  # fmt: skip
-    _check(run, hds_files)
+    rows = (hds_files / "test.csv").read_text().splitlines()[1:]
+    _check(run, hds_files, [hds_files / row.split(",")[0] for row in rows])
 
 
 def test_a_corrupt_png_among_them_is_named(compose_cfg, tmp_path, tracking_uri, hds_files):

@@ -361,9 +361,63 @@ class TrackingConfig:
         require(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "non-empty")
 
 
+KIB = 1024
+
+
+@dataclass
+class TargetConfig:
+    """The device a run is for: RAM and flash budgets (`fallopt.target` checks them).
+
+    `host` has no budgets, so no verdict. A board's figures are its data sheet's: an option
+    in `conf/target/`, or any option with `ram_bytes` and `flash_bytes` set for a custom board.
+    `ram_reserved_bytes` is what the application, stack and OS need besides the arena;
+    `arena_max_bytes` the largest contiguous RAM block, where one arena must fit.
+    `runtime_flash_bytes` is TFLM's code with a CNN's kernels: an estimate, not a measurement.
+    `arena_margin` is added to the measured arena in the deploy header (optimised kernels
+    such as CMSIS-NN take scratch buffers the reference kernels measured here do not).
+    `tflm_samples` caps the test images run on TFLM's reference kernels (~0.1 s each).
+    """
+
+    name: str = "host"
+    description: str = ""
+    ram_bytes: int | None = None
+    flash_bytes: int | None = None
+    ram_reserved_bytes: int = 0
+    arena_max_bytes: int | None = None
+    runtime_flash_bytes: int = 64 * KIB
+    arena_margin: float = 0.1
+    tflm_samples: int = 100
+
+    @property
+    def is_board(self) -> bool:
+        """Whether there is a budget to check a model against."""
+        return self.ram_bytes is not None or self.flash_bytes is not None
+
+    def ignored(self) -> set[str]:
+        """The description is prose: it does not change a result."""
+        return {"description"}
+
+    def __post_init__(self) -> None:
+        for key in ("ram_bytes", "flash_bytes", "arena_max_bytes"):
+            value = getattr(self, key)
+            if value is not None:
+                require(value >= 1, f"target.{key}", value, "must be >= 1 byte (or null)")
+        for key in ("ram_reserved_bytes", "runtime_flash_bytes"):
+            value = getattr(self, key)
+            require(value >= 0, f"target.{key}", value, "must be >= 0 bytes")
+        if self.ram_bytes is not None:
+            reserved = self.ram_reserved_bytes
+            require(reserved < self.ram_bytes, "target.ram_reserved_bytes", reserved,
+                    f"must be below target.ram_bytes={self.ram_bytes}")  # fmt: skip
+        require(0 <= self.arena_margin <= 10, "target.arena_margin", self.arena_margin,
+                "must satisfy 0 <= margin <= 10 (0.1 = 10%)")  # fmt: skip
+        require(self.tflm_samples >= 0, "target.tflm_samples", self.tflm_samples,
+                "must be >= 0 (0 = no TFLM inference, the arena only)")  # fmt: skip
+
+
 @dataclass
 class FalloptConfig:
-    """One run: a data set, an architecture, training, pruning, quantization and tracking."""
+    """One run: data, architecture, training, pruning, quantization, tracking, target device."""
 
     dataset: DatasetConfig = MISSING
     model: ModelConfig = MISSING
@@ -371,6 +425,7 @@ class FalloptConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
     seed: int = 0
     # How to run, not what: excluded from the config hash (see identity.EXECUTION_KEYS).
     force: bool = False  # rerun even if this config already FINISHED in the experiment
@@ -398,6 +453,9 @@ OBJECTIVES: dict[str, bool] = {
     "tflite_gzip_bytes": False,
     "tflite_latency_ms": False,
     "keras_gzip_bytes": False,
+    "tflm_arena_bytes": False,
+    "flash_bytes": False,
+    "macs": False,
 }
 # Objectives that need the data set's positive class to be `fall`: refused on other data.
 FALL_OBJECTIVES = ("tflite_test_fall_recall",)
@@ -424,6 +482,7 @@ def register_configs() -> None:
         ("prune", PruneConfig),
         ("quant", QuantConfig),
         ("tracking", TrackingConfig),
+        ("target", TargetConfig),
     ):
         cs.store(group=f"schema/{group}", name="base", node=schema)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 # Bump when a change to fallopt alters the results of an unchanged config (training, metrics,
 # conversion): earlier FINISHED runs must then not be reused.
-RESULTS_VERSION = 2
+RESULTS_VERSION = 3
 
 # Top-level keys that say how to run rather than what: they do not change a run's identity.
 EXECUTION_KEYS = (

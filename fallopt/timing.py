@@ -1,9 +1,10 @@
 """Where a run's time goes: seconds spent inside TensorFlow, summed per phase.
 
-The functions that hand work to TensorFlow or LiteRT are decorated with `timed("train")`,
-`timed("convert")` or `timed("inference")`. A run logs the totals as `seconds_<phase>` next
-to its wall time `seconds_run`: what is left over is fallopt's own cost (data, caching,
-tracking, plots), which `scripts/bench_sweep.py` reports for a whole sweep.
+The functions that hand work to TensorFlow, LiteRT or TFLM are decorated with
+`timed("train")`, `timed("convert")`, `timed("inference")` or `timed("tflm")`. A run logs the
+totals as `seconds_<phase>` next to its wall time `seconds_run`: what is left over is
+fallopt's own cost (data, caching, tracking, plots), which `scripts/bench_sweep.py` reports
+for a whole sweep.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-PHASES = ("train", "convert", "inference")
+PHASES = ("train", "convert", "inference", "tflm")
 
 P = ParamSpec("P")
 R = TypeVar("R")

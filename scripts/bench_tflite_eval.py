@@ -33,7 +33,7 @@ BATCH = 256
 def raw_invoke_seconds(model: TFLiteModel, images: np.ndarray) -> float:
     """set_tensor + invoke + get_tensor over the batches `predict` uses, inputs ready."""
     interpreter, inp, out = model.interpreter, model.input["index"], model.output["index"]
-    ready = [model._quantize(images[i : i + BATCH]) for i in range(0, len(images), BATCH)]  # noqa: SLF001
+    ready = [model.model_input(images[i : i + BATCH]) for i in range(0, len(images), BATCH)]
     start = time.perf_counter()
     for batch in ready:
         if batch.shape[0] != model._batch:  # noqa: SLF001 (resize as predict does)

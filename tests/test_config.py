@@ -248,7 +248,7 @@ def test_help_lists_every_group_and_the_config_without_tensorflow():
     proc = _run_cli("--help")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    for group in ("dataset", "model", "prune", "quant", "tracking", "experiment"):
+    for group in ("dataset", "model", "prune", "quant", "tracking", "target", "experiment"):
         options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
         assert f"{group}: {', '.join(options)}" in lines  # Hydra's own listing, complete
     assert "== Config ==" in proc.stdout and "  sparsity: " in proc.stdout  # then the config

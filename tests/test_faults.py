@@ -145,7 +145,7 @@ def test_a_kill_at_a_chosen_stage_resumes_to_one_complete_run(tmp_path, stage, s
     assert killed.info.status == ("KILLED" if sig == signal.SIGINT else "RUNNING")
     uploaded = {a.path for a in client.list_artifacts(killed.info.run_id)}
     assert ("model.tflite" in uploaded) == (stage[0] == "mlflow:log_artifact")  # where it landed
-    assert "c_array" not in uploaded and "model" not in uploaded
+    assert "deploy" not in uploaded and "model" not in uploaded
 
     resumed = fallopt_cli(*args, env=env)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]

@@ -8,8 +8,8 @@ import pytest
 from fallopt.compress.quantize import convert, representative_images
 from fallopt.config import ConfigError, QuantMode, TrainConfig
 from fallopt.data import Split, to_float
+from fallopt.deploy import c_array
 from fallopt.evaluate import evaluate_probabilities
-from fallopt.export import c_array
 from fallopt.litert import TFLiteModel
 from fallopt.models import build_model
 from fallopt.models.conv import BlockOrder, ConvNetConfig
@@ -61,7 +61,7 @@ def test_every_pixel_value_is_fed_as_training_normalised_it(files, mode):
         expected = np.clip(np.rint(expected / scale + zero), -128, 127).astype(np.int8)
     tflite._fill_input(x)
     np.testing.assert_array_equal(tflite.interpreter.get_tensor(tflite.input["index"]), expected)
-    np.testing.assert_array_equal(tflite._quantize(x), expected)
+    np.testing.assert_array_equal(tflite.model_input(x), expected)
     if mode is QuantMode.int8:  # an input quantized otherwise takes the general table path
         tflite._table = expected.reshape(-1).copy()
         tflite._table[0] = 5
@@ -87,7 +87,7 @@ def test_one_input_rule_for_training_litert_and_calibration(files, input_range):
     tflite = TFLiteModel(files[QuantMode.none], rule=rule)
     tflite._fill_input(x)
     np.testing.assert_array_equal(tflite.interpreter.get_tensor(tflite.input["index"]), trained_on)
-    np.testing.assert_array_equal(tflite._quantize(x), trained_on)
+    np.testing.assert_array_equal(tflite.model_input(x), trained_on)
 
 
 def test_float16_is_about_half_and_dynamic_about_a_quarter(files):
@@ -200,7 +200,7 @@ def test_tracked_int8_run_logs_the_file_it_evaluated(compose_cfg, tmp_path, trac
     assert 0 <= m["tflite_disagreement"] <= 1
     assert m["tflite_latency_ms"] > 0 and m["tflite_throughput_ips"] > 0
     assert run.data.tags["fallopt.host_cpu"]
-    source = (art / "c_array" / "model_data.cc").read_text()
+    source = (art / "deploy" / "model_data.cc").read_text()
     assert f"g_model_data_len = {len(content)};" in source
 
 
@@ -305,7 +305,10 @@ def test_a_qat_run_says_which_model_each_figure_describes_and_returns_what_it_lo
         "model/model.keras (the final Keras model, before quantization-aware training)"
         in (tags["fallopt.figures"])
     )
-    assert "tflite_*: model.tflite" in tags["fallopt.figures"]
+    assert (
+        "tflite_*, tflm_*, macs, peak_activation_bytes, flash_bytes: model.tflite"
+        in tags["fallopt.figures"]
+    )
     # LiteRT ran with the capped thread count, and the params say so.
     assert params["quant.threads"] == "1"
     assert tags["fallopt.baseline_threads"] == tags["fallopt.pruned_threads"]

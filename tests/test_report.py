@@ -195,6 +195,6 @@ def test_the_html_report_renders_its_pareto_plot_and_table(study):
     shot = ARTIFACTS / "report.png"
     dom = _chromium(tmp, (out / "report.html").as_uri(), shot)
     assert 'alt="Pareto front: accuracy against gzipped size"' in dom
-    assert dom.count("data:image/png;base64,") == 5
+    assert dom.count("data:image/png;base64,") == 6  # one per figure, the arena's included
     assert dom.count("<tr") == len(sweep.children) + 1  # header + one row per run
     assert _not_blank(shot)

@@ -31,6 +31,7 @@ FIGURES = {
     "accuracy_vs_sparsity.png",
     "size_vs_sparsity.png",
     "pareto_confusion_matrices.png",
+    "accuracy_vs_arena.png",
 }
 
 

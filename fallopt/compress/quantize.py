@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import tf_keras
 
 AWARE = (QuantMode.qat, QuantMode.pqat)
+# Modes whose files compute in int8 between layers, as a microcontroller does.
+FULL_INTEGER = (QuantMode.int8, *AWARE)
 
 
 def representative_images(train: Split, n: int, seed: int, rule: InputRule = UNIT) -> np.ndarray:

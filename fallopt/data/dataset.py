@@ -41,6 +41,18 @@ class InputRule:
             y += np.float32(self.low)
         return y
 
+    def table(self, dtype: type, scale: float = 0.0, zero_point: int = 0) -> np.ndarray:
+        """What each uint8 pixel value becomes at an input tensor of `dtype`.
+
+        float32, or quantized with the tensor's scale and zero point as TFLite rounds them:
+        the one table LiteRT, TFLM and the deploy bundle's device code all use.
+        """
+        floats = self.apply(np.arange(256, dtype=np.uint8))
+        if dtype == np.float32:
+            return floats
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(floats / scale + zero_point), info.min, info.max).astype(dtype)
+
 
 UNIT = InputRule()  # [0, 1]: fallopt's own architectures
 

@@ -2,14 +2,21 @@
 
     python -m fallopt.report                               # the latest sweep in the local store
     python -m fallopt.report --max-size-kb 300 --min-fall-recall 0.9 --register fall-detector
+    python -m fallopt.report --target nano33ble            # the best run that fits the board
+    python -m fallopt.report --target nano33ble --ram-reserved-kb 64   # with 64 KiB for the app
+
+`--target NAME` judges every run against a board of `conf/target/` from the run's own
+TFLM arena and `.tflite` size (whatever board it was made for): RAM (arena + reserve),
+the arena against the largest RAM block, flash (`.tflite` + TFLM runtime). A run without
+an arena figure (TFLM could not run it, or it predates the measurement) never fits.
 
 The store is only read: the one write is the finished report, logged to the sweep's parent
-run (and a model version with --register).
+run under `report/[<dataset>/][<board>/]` (and a model version with --register).
 
-Exit codes: 0 report written; 2 nothing to report on, a store, experiment or run that
-cannot be read, runs of several data sets without --dataset, or an output folder holding
-the store (one line naming it, nothing written); 4 report written but no run meets the
-constraints.
+Exit codes: 0 report written; 2 nothing to report on, an unknown --target, a store,
+experiment or run that cannot be read, runs of several data sets without --dataset, or an
+output folder holding the store (one line naming it, nothing written); 4 report written
+but no run meets the constraints (or fits the board).
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ log = logging.getLogger("fallopt.report")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from fallopt.target import names
+
+    boards = "|".join(names())
     p = argparse.ArgumentParser(
         prog="python -m fallopt.report",
         description="Pareto report of a sweep's runs and the model to put on the device.",
@@ -45,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size-kb", type=float, help="largest gzipped .tflite allowed (KiB)")
     p.add_argument("--min-fall-recall", type=float, help="smallest fall recall allowed (0-1)")
     p.add_argument("--max-latency-ms", type=float, help="largest host latency allowed (ms)")
+    p.add_argument("--target", metavar="BOARD", help=f"judge every run against a board ({boards})")
+    p.add_argument("--ram-reserved-kb", type=float, metavar="KIB",
+                   help="RAM your application needs besides the arena (with --target)")  # fmt: skip
     p.add_argument("--register", metavar="NAME", help="register the recommended model as NAME")
     return p
 
@@ -145,8 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     from fallopt.report.publish import publish, register
     from fallopt.report.runs import latest_sweep, one_line
     from fallopt.report.select import Constraints
+    from fallopt.target import load as load_target
 
     try:
+        board = None  # checked before the store is opened
+        if args.target is not None:
+            reserve = {} if args.ram_reserved_kb is None else {
+                "ram_reserved_bytes": round(args.ram_reserved_kb * 1024)}  # fmt: skip
+            board = load_target(args.target, **reserve)
+        elif args.ram_reserved_kb is not None:
+            raise FalloptError("--ram-reserved-kb needs a board: add --target BOARD")
         client, experiment = open_store(args.tracking_uri, args.experiment)
         experiment_id = experiment.experiment_id
         parent = None
@@ -160,11 +181,12 @@ def main(argv: list[str] | None = None) -> int:
                     "(python -m fallopt.run -m ...), or pass --all-runs"
                 )
             parent = latest.info.run_id
-        out = args.out or Path("reports") / (parent or f"{args.experiment}-all")
-        if args.out is None and args.dataset:
-            out /= args.dataset
+        scope = tuple(filter(None, (args.dataset, args.target)))  # a report's own folder
+        out = args.out or Path("reports", parent or f"{args.experiment}-all", *scope)
         check_out(out, args.tracking_uri, experiment)
-        constraints = Constraints(args.max_size_kb, args.min_fall_recall, args.max_latency_ms)
+        constraints = Constraints(
+            args.max_size_kb, args.min_fall_recall, args.max_latency_ms, board
+        )
         title = f"fallopt report: {args.experiment}" + (f", sweep {parent}" if parent else "")
         title += f", data set {args.dataset}" if args.dataset else ""
         try:
@@ -183,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("[report] %s", report.recommendation.message)
     log.info("[report] written to %s and %s", report.html, report.markdown)
     if parent:
-        publish(client, parent, report, args.dataset)
+        publish(client, parent, report, scope)
     if report.recommendation.run_id is None:
         return EXIT_NO_MODEL
     if args.register:

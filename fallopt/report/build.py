@@ -1,4 +1,4 @@
-"""Build a report: read the runs, find the Pareto fronts, draw, recommend, write HTML and MD."""
+"""Build a report: read the runs, find the fronts, judge the board, draw, recommend, write."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from fallopt.pareto import pareto_mask
 from fallopt.report import figures, render
 from fallopt.report.runs import Failure, confusion, one_dataset, runs_table, sweep_runs
-from fallopt.report.select import Constraints, Recommendation, recommend
+from fallopt.report.select import Constraints, Recommendation, judge, recommend
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ MAX_MATRICES = 6  # confusion matrices shown side by side
 class Report:
     """What a report found and where it wrote it."""
 
-    table: pd.DataFrame  # one row per run; pareto_size / pareto_latency mark the fronts
+    table: pd.DataFrame  # one row per run; pareto_size / _latency / _arena mark the fronts
     recommendation: Recommendation
     constraints: Constraints
     figures: dict[str, Path]
@@ -75,6 +75,8 @@ def build_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     table["pareto_size"] = _front(table, "size_kb")
     table["pareto_latency"] = _front(table, "latency_ms")
+    table["pareto_arena"] = _front(table, "arena_kb")  # NaN (no arena) is never optimal
+    judge(table, constraints.target)
     table["label_model"] = table["model.name"] + " x" + table["model.width"].map("{:g}".format)
     figs = {
         "pareto_size": figures.pareto_png(
@@ -85,6 +87,9 @@ def build_report(
             table, "latency_ms", "latency on the host CPU (ms per image, 1 thread)",
             table["pareto_latency"], out_dir / "pareto_accuracy_vs_latency.png",
             "accuracy against latency",
+        ),
+        "accuracy_vs_arena": figures.arena_png(
+            table, table["pareto_arena"], out_dir / "accuracy_vs_arena.png", constraints.target
         ),
         "accuracy_vs_sparsity": figures.per_mode_png(
             table, "test_accuracy", "test accuracy of the .tflite (fraction correct)",

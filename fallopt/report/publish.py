@@ -11,18 +11,18 @@ from fallopt.report.build import Report
 log = logging.getLogger("fallopt.report")
 
 
-def publish(client: MlflowClient, parent: str, report: Report, dataset: str | None = None) -> None:
-    """Log the report's files to the sweep's parent run under `report/` (`report/<dataset>/`).
+def publish(client: MlflowClient, parent: str, report: Report, scope: tuple[str, ...] = ()) -> None:
+    """Log the report's files to the sweep's parent run under `report/` (`report/<scope>/`).
 
     Only the files the report wrote: its folder may hold anything, even the store itself.
-    A report of one data set of a sweep gets its own folder and tag, so the reports of the
-    sweep's other data sets stay.
+    A report of one data set or for one board (`scope`: the data set, then the board) gets
+    its own folder and tag, so the sweep's other reports stay.
     """
-    folder = f"report/{dataset}" if dataset else "report"
+    folder = "/".join(["report", *scope])
     for path in report.files:
         client.log_artifact(parent, str(path), folder)
     if report.recommendation.run_id:
-        tag = f"fallopt.recommended_run_id.{dataset}" if dataset else "fallopt.recommended_run_id"
+        tag = ".".join(["fallopt.recommended_run_id", *scope])
         client.set_tag(parent, tag, report.recommendation.run_id)
     log.info("[report] logged to run %s under %s/", parent, folder)
 

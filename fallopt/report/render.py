@@ -22,6 +22,9 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "size_kb": ("gzipped .tflite (KiB)", "{:.1f}"),
     "compression": ("smaller than float32 baseline (×)", "{:.2f}"),
     "latency_ms": ("latency (ms/image)", "{:.2f}"),
+    "arena_kb": ("TFLM arena (KiB)", "{:.1f}"),
+    "flash_kb": ("flash: .tflite + TFLM runtime (KiB)", "{:.1f}"),
+    "macs_m": ("MACs (millions)", "{:.2f}"),
     "disagreement": ("Keras vs TFLite disagreement", "{:.1%}"),
     "one_class": ("recognises one class only (recall 0 for the others)", "{}"),
     "pareto_size": ("Pareto (size)", "{}"),
@@ -49,12 +52,25 @@ img { max-width: 100%; } .figs { display: grid; grid-template-columns: 1fr 1fr; 
 """
 
 
-def _cell(column: str, value: object) -> str:
+def columns(report: Report) -> dict[str, tuple[str, str]]:
+    """COLUMNS, and with a board the verdict on each run after its MACs."""
+    target = report.constraints.target
+    if target is None:
+        return COLUMNS
+    found = {}
+    for column, spec in COLUMNS.items():
+        found[column] = spec
+        if column == "macs_m":
+            found["fit"] = (f"fits {target.name}", "{}")
+    return found
+
+
+def _cell(fmt: str, value: object) -> str:
     if isinstance(value, float) and pd.isna(value):
         return "–"
     if isinstance(value, bool):
         return "yes" if value else ""
-    return COLUMNS[column][1].format(value)
+    return fmt.format(value)
 
 
 def _img(path: object, alt: str) -> str:
@@ -89,12 +105,13 @@ def _failed_html(report: Report) -> str:
 
 def write_html(report: Report, title: str) -> None:
     """One file with everything inlined: it opens offline and can be mailed."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h, _ in COLUMNS.values())
+    shown = columns(report)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h, _ in shown.values())
     rows = []
     for _, row in report.table.iterrows():
         cells = "".join(
-            f'<td data-v="{html.escape(str(row[c]))}">{html.escape(_cell(c, row[c]))}</td>'
-            for c in COLUMNS
+            f'<td data-v="{html.escape(str(row[c]))}">{html.escape(_cell(fmt, row[c]))}</td>'
+            for c, (_, fmt) in shown.items()
         )
         rows.append(f'<tr class="{"pareto" if row["pareto_size"] else ""}">{cells}</tr>')
     f = report.figures
@@ -107,6 +124,8 @@ def write_html(report: Report, title: str) -> None:
 <h2>Pareto fronts</h2><div class="figs" id="pareto">
 {_img(f["pareto_size"], "Pareto front: accuracy against gzipped size")}
 {_img(f["pareto_latency"], "Pareto front: accuracy against latency")}</div>
+<h2>Does it fit the board? TFLM arena RAM</h2>
+{_img(f["accuracy_vs_arena"], "accuracy against TFLM arena")}
 <h2>Against sparsity, per quantization mode</h2><div class="figs">
 {_img(f["accuracy_vs_sparsity"], "accuracy against sparsity")}
 {_img(f["size_vs_sparsity"], "size against sparsity")}</div>
@@ -116,7 +135,9 @@ def write_html(report: Report, title: str) -> None:
 <table id="runs"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>
 {_failed_html(report)}
 <p>Accuracy, recall, sizes and latency are those of each run's .tflite file as evaluated by
-LiteRT on the test set; latency is on the host CPU, not the device.</p>
+LiteRT on the test set; latency is on the host CPU, not the device. The arena is TFLM's
+minimal tensor arena for the file (reference kernels); flash adds an estimate of TFLM's
+runtime code.</p>
 <script>{_SORT_JS}</script></body></html>
 """
     report.html.write_text(page)
@@ -128,12 +149,14 @@ def _md(text: str) -> str:
 
 def write_markdown(report: Report, title: str) -> None:
     """A summary for a pull request or a lab report: recommendation, table, figure files."""
+    shown = columns(report)
     lines = [f"# {title}", "", f"Constraints: {report.constraints.describe()}", "",
              report.recommendation.message, "", f"All runs ({_runs_heading(report)}):", "",
-             "| " + " | ".join(h for h, _ in COLUMNS.values()) + " |",
-             "|" + "---|" * len(COLUMNS)]  # fmt: skip
+             "| " + " | ".join(h for h, _ in shown.values()) + " |",
+             "|" + "---|" * len(shown)]  # fmt: skip
     for _, row in report.table.iterrows():
-        lines.append("| " + " | ".join(_cell(c, row[c]) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_md(_cell(fmt, row[c])) for c, (_, fmt) in shown.items())
+                     + " |")  # fmt: skip
     if report.failures:
         lines += ["", f"Failed ({len(report.failures)}): not in the table above", "",
                   "| combination | error | MLflow run |", "|---|---|---|"]  # fmt: skip

@@ -13,6 +13,7 @@ import pandas as pd
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from fallopt.config import KIB
 from fallopt.protocol import job_outcomes
 
 # Report column -> (MLflow key, how to convert). Accuracy, recall and size are those of the
@@ -27,6 +28,12 @@ METRICS: dict[str, str] = {
     "disagreement": "tflite_disagreement",
     "val_accuracy": "val_accuracy",
     "sparsity_achieved": "sparsity_achieved",
+    # The device figures: NaN for runs made before fallopt measured them, and the arena
+    # also where TFLM could not run the file (tag fallopt.tflm says why).
+    "tflite_size_bytes": "tflite_size_bytes",
+    "tflm_arena_bytes": "tflm_arena_bytes",
+    "flash_bytes": "flash_bytes",
+    "macs": "macs",
 }
 PARAMS = [
     "prune.method",
@@ -179,10 +186,15 @@ def one_dataset(
 
 
 def label(params: dict[str, Any]) -> str:
-    """A run's settings in a few words: `cauca_cnn x0.5 · constant 0.5 dense · int8`."""
+    """A run's settings in a few words: `cauca_cnn x0.5 64px · constant 0.5 dense · int8`.
+
+    The input size shows where the run's data set was resized to one: a lever on RAM.
+    """
     model = params.get("model.name", "?")
     if params.get("model.width") not in (None, "1.0"):
         model += f" x{params['model.width']}"
+    if params.get("dataset.image_size") not in (None, "None"):
+        model += f" {params['dataset.image_size'].strip('[]').replace(', ', 'x')}px"
     prune = params.get("prune.method", "none")
     if prune != "none":
         prune = f"{prune} {params.get('prune.sparsity')} {params.get('prune.scope')}"
@@ -207,7 +219,9 @@ def runs_table(runs: list[Run]) -> pd.DataFrame:
     """One row per run: id, label, settings and the compared metrics (NaN where missing).
 
     `dataset` and `classes` say what the run was tested on; `one_class` names the only
-    class a degenerate run recognises ("" for the others).
+    class a degenerate run recognises ("" for the others); `tflm` is what TFLM measured or
+    why it did not. `flash_kb` is the run's own (its target's runtime): `select.judge`
+    replaces it with a board's.
     """
     rows = []
     for run in runs:
@@ -218,13 +232,17 @@ def runs_table(runs: list[Run]) -> pd.DataFrame:
         row["dataset"] = tags.get("fallopt.dataset") or params.get("dataset.name", "?")
         row["classes"] = tags.get("fallopt.classes", "")
         row["one_class"] = one_class(row["classes"].split(",") if row["classes"] else [], metrics)
+        row["tflm"] = tags.get("fallopt.tflm", "")
         rows.append(row)
-    columns = ["run_id", "label", *PARAMS, *METRICS, "dataset", "classes", "one_class"]
+    columns = ["run_id", "label", *PARAMS, *METRICS, "dataset", "classes", "one_class", "tflm"]
     table = pd.DataFrame(rows, columns=columns)
     for column in ["prune.sparsity", "model.width", *METRICS]:
         table[column] = pd.to_numeric(table[column])
     table["size_kb"] = table["tflite_gzip_bytes"] / 1024
     table["compression"] = 1 / table["gzip_ratio"]  # times smaller than the float32 baseline
+    table["arena_kb"] = table["tflm_arena_bytes"] / KIB
+    table["flash_kb"] = table["flash_bytes"] / KIB
+    table["macs_m"] = table["macs"] / 1e6
     return table.sort_values(["quant.mode", "prune.sparsity", "label"]).reset_index(drop=True)
 
 

@@ -181,6 +181,17 @@ def test_files_tflm_cannot_run_are_named_and_the_rest_is_still_measured(lab_file
     assert "a lower bound, as TFLM did not run" in settings.arena_note
 
 
+@needs_tflm
+def test_an_op_tflm_lacks_is_named():
+    k = keras()
+    model = k.Sequential([k.layers.InputLayer(input_shape=(8, 8, 3)), k.layers.Flatten(),
+                          k.layers.Dense(4, activation="gelu"), k.layers.Dense(2)])  # fmt: skip
+    figures = _measure(convert(model, QuantMode.none), TargetConfig(), _split(2, 8))
+    assert figures.tags["fallopt.tflm"].startswith(
+        "skipped: TFLM cannot run this model: no TFLM kernel for GELU (TFLM: Didn't find op"
+    )
+
+
 def test_without_tflite_micro_the_offline_figures_remain(lab_files, monkeypatch, caplog):
     monkeypatch.setattr(tflm, "_runtime", lambda: "tflite-micro is not installed here (test)")
     figures = _measure(lab_files["int8"], target.load("nano33ble"))

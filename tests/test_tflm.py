@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from fallopt import device, target, tflm
 from fallopt.backend import keras
 from fallopt.compress.quantize import convert
-from fallopt.config import QuantMode, TargetConfig, validate
+from fallopt.config import KIB, QuantMode, TargetConfig, validate
 from fallopt.data import InputRule
 from fallopt.data.dataset import Split
 from fallopt.errors import ConfigError
@@ -300,3 +300,41 @@ def test_tflm_agrees_with_litert_on_the_trained_default_model(compose_cfg, tmp_p
     assert metrics["tflm_samples_used"] == 500  # the whole test split
     assert metrics["tflm_agreement"] >= 0.99
     assert metrics["tflm_test_accuracy"] == pytest.approx(metrics["tflite_test_accuracy"], abs=0.01)
+
+
+@needs_tflm
+@pytest.mark.slow  # nine runs from the command line, then the report: about 2 minutes
+def test_the_fit_experiment_then_the_report_pick_the_best_run_that_fits(tmp_path):
+    from fallopt.report.__main__ import main as report
+
+    from .conftest import multirun
+
+    sweep = multirun(
+        tmp_path, "+experiment=fit_nano33ble", "tracking.experiment=fallopt",
+        "dataset.n_train=80", "dataset.n_test=30", "train.epochs=1", "model.filters=[4,8]",
+        "model.kernel_size=3", "model.dense_units=[8]", "target.tflm_samples=10", tiny=False,
+    )  # fmt: skip
+    runs = sweep.children
+    assert len(runs) == 9 and {r.info.status for r in runs} == {"FINISHED"}
+    sizes = {(r.data.params["model.width"], r.data.params["dataset.image_size"]) for r in runs}
+    assert len(sizes) == 9  # width 0.25, 0.5, 1 x 48, 64, 96 px
+    arena = {r.info.run_id: r.data.metrics["tflm_arena_bytes"] for r in runs}
+    assert all(r.data.tags["fallopt.fits"] == "yes" for r in runs)  # tiny models, 256 KiB
+    # Reserve RAM so that only the smaller half of the arenas fits beside it.
+    cut = sorted(arena.values())[4]
+    reserve_kib = (256 * KIB - cut) // KIB
+    fits = [r for r in runs if arena[r.info.run_id] + reserve_kib * KIB <= 256 * KIB]
+    assert 0 < len(fits) < len(runs)
+    best = max(fits, key=lambda r: r.data.metrics["tflite_test_accuracy"])
+    out = tmp_path / "report"
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"  # multirun's store
+    code = report(["--tracking-uri", uri, "--parent-run",
+                   sweep.parent.info.run_id, "--target", "nano33ble", "--ram-reserved-kb",
+                   str(reserve_kib), "--out", str(out)])  # fmt: skip
+    assert code == 0
+    recommended = sweep.client.get_run(sweep.parent.info.run_id).data.tags[
+        "fallopt.recommended_run_id.nano33ble"
+    ]
+    accuracy = {r.info.run_id: r.data.metrics["tflite_test_accuracy"] for r in runs}
+    assert accuracy[recommended] == accuracy[best.info.run_id]  # the best (ties: any of them)
+    assert recommended in {r.info.run_id for r in fits}

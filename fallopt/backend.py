@@ -58,6 +58,32 @@ def _kept(line: bytes, level: int) -> bool:
 
 
 @contextlib.contextmanager
+def stderr_captured() -> Iterator[list[bytes]]:
+    """Redirect file descriptor 2 to a file for the block; the list then holds what was written.
+
+    Native code writes there below Python's `sys.stderr`. Without a descriptor 2 nothing is
+    captured and the list stays empty.
+    """
+    written: list[bytes] = []
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield written
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield written
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            written.append(held.read())
+
+
+@contextlib.contextmanager
 def native_logs_filtered(level: int | None = None) -> Iterator[None]:
     """Hold back file descriptor 2, then write it out without native log lines below `level`.
 
@@ -71,23 +97,15 @@ def native_logs_filtered(level: int | None = None) -> Iterator[None]:
             `native_logs` chose.
     """
     level = _IMPORT_FILTER.level if level is None else level
-    sys.stderr.flush()
+    written: list[bytes] = []
     try:
-        saved = os.dup(2)
-    except OSError:  # no descriptor 2: nothing to filter
-        yield
-        return
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
+        with stderr_captured() as written:
             yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
+    finally:
+        for text in written:  # none without a descriptor 2
             with os.fdopen(2, "wb", closefd=False) as stderr:
-                stderr.writelines(line for line in held if _kept(line, level))
+                lines = text.splitlines(keepends=True)
+                stderr.writelines(line for line in lines if _kept(line, level))
 
 
 class _FilteredLoader(importlib.abc.Loader):

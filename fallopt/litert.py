@@ -17,10 +17,8 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from fallopt.backend import native_logs_filtered
 from fallopt.data import UNIT, InputRule
+from fallopt.tflite_graph import WEIGHT_OPS
 from fallopt.timing import timed
-
-# Ops whose input 1 is a weight tensor.
-_WEIGHT_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
 
 
 def host_cpu() -> str:
@@ -163,7 +161,7 @@ class TFLiteModel:
         producer = {o: op for op in ops for o in op["outputs"]}
         zeros = total = 0
         for op in ops:
-            if op["op_name"] not in _WEIGHT_OPS:
+            if op["op_name"] not in WEIGHT_OPS:
                 continue
             index = op["inputs"][1]
             while index in producer and producer[index]["op_name"] == "DEQUANTIZE":

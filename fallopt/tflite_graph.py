@@ -13,6 +13,8 @@ from functools import cached_property
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
+# Ops whose input 1 is a weight tensor.
+WEIGHT_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"})
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 _TYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 # Bits per element: INT4 packs two to a byte.

@@ -13,22 +13,18 @@ and the offline figures (`fallopt.tflite_graph`) still work.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from functools import cache
 from types import ModuleType
 
 import numpy as np
 
+from fallopt.backend import stderr_captured
 from fallopt.errors import FalloptError
 from fallopt.target import TFLM_REFUSED
-from fallopt.tflite_graph import Graph
+from fallopt.tflite_graph import WEIGHT_OPS, Graph
 from fallopt.timing import timed
 
 log = logging.getLogger(__name__)
@@ -38,7 +34,6 @@ ARENA_STEP = 16  # TFLM aligns its arena's buffers to 16 bytes
 # this much cannot run at all (a kernel refused it).
 ARENA_CEILING = 256 << 20
 PROGRESS_SECONDS = 10.0
-_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 # TFLite builtin op -> `tflite::MicroMutableOpResolver` method, parsed from TFLM's
 # micro_mutable_op_resolver.h (tflite-micro 90b983c2b3f1, 2026-08-20; docs/tflm-research.md
@@ -100,23 +95,6 @@ def unavailable() -> str | None:
     return runtime if isinstance(runtime, str) else None
 
 
-@contextlib.contextmanager
-def _captured_stderr() -> Iterator[list[str]]:
-    """Redirect descriptor 2 to a file; the list gets what was written when the block ends."""
-    text: list[str] = []
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield text
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            text.append(held.read().decode(errors="replace"))
-
-
 def _interpreter(content: bytes, arena_bytes: int) -> object:
     """TFLM's interpreter with its tensors allocated in `arena_bytes`.
 
@@ -127,12 +105,12 @@ def _interpreter(content: bytes, arena_bytes: int) -> object:
     runtime = _runtime()
     if isinstance(runtime, str):
         raise FalloptError(runtime)
-    with _captured_stderr() as written:
+    with stderr_captured() as written:
         try:
             return runtime.Interpreter.from_bytes(content, arena_size=arena_bytes)
         except RuntimeError as e:
             failure = e
-    raise RuntimeError(str(failure), written[0])
+    raise RuntimeError(str(failure), b"".join(written).decode(errors="replace"))
 
 
 def allocates(content: bytes, arena_bytes: int) -> bool:
@@ -161,7 +139,7 @@ def _known_obstacle(graph: Graph) -> str | None:
         inputs = [graph.tensors[i] for i in op.inputs if i >= 0]
         if op.name == "DEQUANTIZE" and inputs[0].dtype == "FLOAT16":
             return "float16 weights (quant=float16): TFLM has no float16 kernels"
-        if op.name in _WEIGHT_OPS and inputs[0].dtype == "FLOAT32" and inputs[1].dtype == "INT8":
+        if op.name in WEIGHT_OPS and inputs[0].dtype == "FLOAT32" and inputs[1].dtype == "INT8":
             return ("int8 weights with float activations (quant=dynamic): TFLM has no hybrid "
                     "kernels")  # fmt: skip
     return None

@@ -6,9 +6,7 @@ arena, MACs counted from the Keras layers, the planner's own activation total.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fallopt import device, target, tflm
-from fallopt.backend import keras
+from fallopt.backend import keras, stderr_captured
 from fallopt.compress.quantize import convert
 from fallopt.config import KIB, QuantMode, TargetConfig, validate
 from fallopt.data import InputRule
@@ -95,16 +93,9 @@ def _allocations(content: bytes, arena: int) -> str:
     from tflite_micro.python.tflite_micro import runtime
 
     interpreter = runtime.Interpreter.from_bytes(content, arena_size=arena)
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as f:
-        os.dup2(f.fileno(), 2)
-        try:
-            interpreter.print_allocations()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        f.seek(0)
-        return f.read().decode()
+    with stderr_captured() as written:
+        interpreter.print_allocations()
+    return written[0].decode()
 
 
 @needs_tflm

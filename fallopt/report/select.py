@@ -93,14 +93,13 @@ def _why_unknown(tflm_tag: str) -> str:
     return tflm_tag.removeprefix("skipped: ") or NO_FIGURES
 
 
-def _fit(arena: float, size: float, tflm_tag: str, target: TargetConfig) -> boards.Fit:
-    if math.isnan(size):
+def _fit(arena: float, flash: float, tflm_tag: str, target: TargetConfig) -> boards.Fit:
+    if math.isnan(flash):  # no .tflite size logged
         return boards.Fit(None, f"unknown: {NO_FIGURES}")
     measured = None if math.isnan(arena) else int(arena)
-    flash = boards.flash_needed(int(size), target)
     why = _why_unknown(tflm_tag)
     refused = why if why.startswith(boards.TFLM_REFUSED) else None
-    return boards.verdict(measured, flash, target, why, refused)
+    return boards.verdict(measured, int(flash), target, why, refused)
 
 
 def judge(table: pd.DataFrame, target: TargetConfig | None) -> None:
@@ -116,9 +115,9 @@ def judge(table: pd.DataFrame, target: TargetConfig | None) -> None:
     table["flash_needed"] = boards.flash_needed(table["tflite_size_bytes"], target)
     table["flash_kb"] = table["flash_needed"] / KIB
     fits = [
-        _fit(arena, size, tag, target)
-        for arena, size, tag in zip(
-            table["tflm_arena_bytes"], table["tflite_size_bytes"], table["tflm"], strict=True
+        _fit(arena, flash, tag, target)
+        for arena, flash, tag in zip(
+            table["tflm_arena_bytes"], table["flash_needed"], table["tflm"], strict=True
         )
     ]
     table["fit"] = [f.text for f in fits]

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # Bump whenever a stage changes what it produces or what its meta.json holds: old entries
 # would be reused as they are.
-STAGE_VERSION = 5
+STAGE_VERSION = 6
 
 
 def stage_key(kind: str, payload: dict[str, Any]) -> str:
@@ -54,6 +54,12 @@ def pruned_key(base_key: str, prune: Any, train: Any, seed: int) -> str:
     """The pruned stage's key: f(baseline, prune, train, seed)."""
     payload = {"baseline": base_key, "prune": section(prune), "train": section(train)}
     return stage_key("pruned", {**payload, "seed": seed})
+
+
+def clustered_key(previous_key: str, cluster: Any, train: Any, seed: int) -> str:
+    """The clustered stage's key: f(the pruned stage, or the baseline, cluster, train, seed)."""
+    payload = {"previous": previous_key, "cluster": section(cluster), "train": section(train)}
+    return stage_key("clustered", {**payload, "seed": seed})
 
 
 def _sha256(path: Path) -> str:

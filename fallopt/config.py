@@ -213,11 +213,21 @@ class TrainConfig:
 
 
 class PruneMethod(str, Enum):
-    """Pruning schedules: none, tfmot's ConstantSparsity, or its PolynomialDecay."""
+    """How weights are removed.
+
+    none; tfmot's ConstantSparsity or PolynomialDecay (zeros in place); or whole channels,
+    which makes a thinner model (`fallopt.compress.channels`).
+    """
 
     none = "none"
     constant = "constant"
     polynomial = "polynomial"
+    channels = "channels"
+
+    @property
+    def magnitude(self) -> bool:
+        """Whether this method zeroes weights in place with a tfmot schedule."""
+        return self in (PruneMethod.constant, PruneMethod.polynomial)
 
 
 class ScheduleUnit(str, Enum):
@@ -228,17 +238,33 @@ class ScheduleUnit(str, Enum):
 
 
 PRUNE_SCOPES = ("dense", "conv", "all")
+# How channel pruning ranks the filters of a layer (fallopt.compress.channels.CRITERIA).
+CHANNEL_CRITERIA = ("l1", "bn_gamma")
+
+
+def check_scope(key: str, value: str) -> None:
+    """Require `dense`, `conv`, `all` or a layer-name pattern that compiles."""
+    if value not in PRUNE_SCOPES:
+        not_a_scope = f"neither one of {list(PRUNE_SCOPES)} nor a valid layer-name pattern"
+        check_pattern(key, value, not_a_scope)
 
 
 @dataclass
 class PruneConfig:
-    """Magnitude pruning during a fine-tune of the baseline.
+    """Pruning during a fine-tune of the baseline.
 
     Every option carries `sparsity`, so `prune.sparsity=...` works with the default group;
     0.0 fine-tunes without pruning (the start of the lab's sweep). `scope` is `dense`,
     `conv`, `all` (every prunable layer) or a regular expression over layer names.
     `begin` and `end` are counted in `unit` from the start of the fine-tune; `end` null means
     the end of the fine-tune. `m_by_n: [2, 4]` keeps 2 weights of every 4 (structured 2:4).
+    `per_layer: {conv3: 0.5, dense1: 0.9}` prunes exactly these layers to these sparsities
+    instead of `scope` at `sparsity` (the map `python -m fallopt.sensitivity` proposes).
+
+    `prune=channels` removes the fraction `sparsity` of the filters (units) of each layer in
+    `scope`, lowest `criterion` first (`l1`: the filter's L1 norm; `bn_gamma`: |gamma| of
+    the BatchNorm it feeds), keeping at least `min_channels`; the thinner model is then
+    fine-tuned for `fine_tune_epochs`.
     """
 
     method: PruneMethod = PruneMethod.constant
@@ -253,14 +279,32 @@ class PruneConfig:
     # Steps between mask updates. tfmot's default of 100 never fires in a short fine-tune.
     frequency: int = 1
     m_by_n: list[int] | None = None
+    # null, not {}: Hydra would refuse new keys in an empty dict (struct mode)
+    per_layer: Any = None  # {layer: sparsity}; Any: OmegaConf cannot merge into a typed None
+    criterion: str = "l1"
+    min_channels: int = 1
 
     def ignored(self) -> set[str]:
-        """prune=none uses nothing but its method; constant sparsity has no curve."""
+        """Keys the chosen method does not use.
+
+        prune=none uses nothing but its method; constant sparsity has no curve; a per-layer
+        map replaces scope and sparsity; channels have no schedule.
+        """
         if self.method is PruneMethod.none:
             return {f for f in self.__dataclass_fields__ if f != "method"}
+        if self.method is PruneMethod.channels:
+            return {"initial_sparsity", "power", "begin", "end", "unit", "frequency", "m_by_n",
+                    "per_layer"}  # fmt: skip
+        ignored = {"criterion", "min_channels"}
+        if self.per_layer:
+            ignored |= {"scope", "sparsity"}
         if self.method is PruneMethod.constant:
-            return {"initial_sparsity", "power"}
-        return set()
+            ignored |= {"initial_sparsity", "power"}
+        return ignored
+
+    def targets(self) -> dict[str, float] | None:
+        """Each layer's sparsity when `per_layer` names them; None: `scope` at `sparsity`."""
+        return dict(self.per_layer) if self.per_layer else None
 
     def __post_init__(self) -> None:
         check_fraction("prune.sparsity", self.sparsity, allow_zero=True)
@@ -270,25 +314,32 @@ class PruneConfig:
                     f"prune.sparsity={self.sparsity} needs a schedule, but prune=none does not "
                     "prune: use prune=constant (the default) or prune=polynomial"
                 )
+            why = "needs prune=constant or prune=polynomial, but prune=none does not prune"
+            require(self.per_layer is None, "prune.per_layer", self.per_layer, why)
             return
+        require(self.fine_tune_epochs >= 1, "prune.fine_tune_epochs", self.fine_tune_epochs, ">= 1")
+        check_scope("prune.scope", self.scope)
+        if self.method is PruneMethod.channels:
+            self._check_channels()
+            return
+        self._check_per_layer()
         check_fraction("prune.initial_sparsity", self.initial_sparsity, allow_zero=True)
         if self.method is PruneMethod.polynomial:
+            final = min([self.sparsity] if not self.per_layer else self.per_layer.values())
             require(
-                self.initial_sparsity <= self.sparsity,
+                self.initial_sparsity <= final,
                 "prune.initial_sparsity",
                 self.initial_sparsity,
-                f"must not exceed the final prune.sparsity={self.sparsity}",
+                f"must not exceed the final sparsity {final} (prune.sparsity or prune.per_layer)",
             )
             require(self.power > 0, "prune.power", self.power, "must be > 0")
-        require(self.fine_tune_epochs >= 1, "prune.fine_tune_epochs", self.fine_tune_epochs, ">= 1")
         require(self.frequency >= 1, "prune.frequency", self.frequency, "must be >= 1 step")
         require(self.begin >= 0, "prune.begin", self.begin, "must be >= 0")
         if self.end is not None:
             require(self.end > self.begin, "prune.end", self.end, "must be > prune.begin")
-        if self.scope not in PRUNE_SCOPES:
-            not_a_scope = f"neither one of {list(PRUNE_SCOPES)} nor a valid layer-name pattern"
-            check_pattern("prune.scope", self.scope, not_a_scope)
         if self.m_by_n is not None:
+            require(not self.per_layer, "prune.per_layer", self.per_layer,
+                    "cannot be combined with prune.m_by_n, whose sparsity is fixed")  # fmt: skip
             ok = len(self.m_by_n) == 2 and 0 < self.m_by_n[0] < self.m_by_n[1]
             require(ok, "prune.m_by_n", self.m_by_n, "must be [m, n] with 0 < m < n, e.g. [2, 4]")
             implied = 1 - self.m_by_n[0] / self.m_by_n[1]
@@ -300,6 +351,78 @@ class PruneConfig:
                 f"set prune.sparsity={implied:g}",
             )
 
+    def _check_per_layer(self) -> None:
+        per_layer = self.per_layer
+        if per_layer is None:
+            return
+        ok = isinstance(per_layer, dict) and bool(per_layer)
+        require(ok, "prune.per_layer", per_layer,
+                "must map layer names to sparsities, e.g. {conv3: 0.5, dense1: 0.9}")  # fmt: skip
+        for layer, value in per_layer.items():
+            key = f"prune.per_layer.{layer}"
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            require(number, key, value, "must be a sparsity, 0 <= sparsity < 1")
+            check_fraction(key, float(value), allow_zero=True)
+        self.per_layer = {str(k): float(v) for k, v in per_layer.items()}
+
+    def _check_channels(self) -> None:
+        why = "prune=channels needs the fraction of channels to remove, 0 < sparsity < 1"
+        require(self.sparsity > 0, "prune.sparsity", self.sparsity, why)
+        require(self.criterion in CHANNEL_CRITERIA, "prune.criterion", self.criterion,
+                f"choose from {list(CHANNEL_CRITERIA)}")  # fmt: skip
+        require(self.min_channels >= 1, "prune.min_channels", self.min_channels, "must be >= 1")
+        require(not self.per_layer, "prune.per_layer", self.per_layer,
+                "applies to prune=constant and prune=polynomial, not prune=channels")  # fmt: skip
+        require(self.m_by_n is None, "prune.m_by_n", self.m_by_n,
+                "applies to magnitude pruning, not prune=channels")  # fmt: skip
+
+
+class ClusterMethod(str, Enum):
+    """Weight clustering: none, or tfmot's k-means `cluster_weights`."""
+
+    none = "none"
+    kmeans = "kmeans"
+
+
+# Centroid initialisations (tfmot CentroidInitialization, `density` = DENSITY_BASED).
+CLUSTER_INITS = ("kmeans_plus_plus", "linear", "density", "random")
+
+
+@dataclass
+class ClusterConfig:
+    """Weight clustering after pruning.
+
+    Each kernel in `scope` keeps at most `clusters` distinct values (per output channel
+    with `per_channel`, Conv2D only), then a fine-tune of `fine_tune_epochs` trains the
+    centroids. `preserve_sparsity` keeps pruned zeros at 0.
+    """
+
+    method: ClusterMethod = ClusterMethod.none
+    clusters: int = 16
+    init: str = "kmeans_plus_plus"
+    scope: str = "all"
+    per_channel: bool = False
+    preserve_sparsity: bool = False
+    fine_tune_epochs: int = 1
+
+    def ignored(self) -> set[str]:
+        """cluster=none uses nothing but its method."""
+        if self.method is ClusterMethod.none:
+            return {f for f in self.__dataclass_fields__ if f != "method"}
+        return set()
+
+    def __post_init__(self) -> None:
+        if self.method is ClusterMethod.none:
+            return
+        least = 3 if self.preserve_sparsity else 2  # tfmot keeps one centroid at 0 for zeros
+        why = f"must be >= {least}" + " with cluster.preserve_sparsity" * (least == 3)
+        require(self.clusters >= least, "cluster.clusters", self.clusters, why)
+        require(self.init in CLUSTER_INITS, "cluster.init", self.init,
+                f"choose from {list(CLUSTER_INITS)}")  # fmt: skip
+        check_scope("cluster.scope", self.scope)
+        require(self.fine_tune_epochs >= 0, "cluster.fine_tune_epochs", self.fine_tune_epochs,
+                "must be >= 0 (0: the clusters as k-means made them)")  # fmt: skip
+
 
 class QuantMode(str, Enum):
     """TFLite conversion modes."""
@@ -310,6 +433,13 @@ class QuantMode(str, Enum):
     int8 = "int8"  # full integer, int8 input and output, calibrated on training images
     qat = "qat"  # quantization-aware fine-tune, then int8 weights and activations
     pqat = "pqat"  # the same, keeping the pruned zeros
+    cqat = "cqat"  # the same, keeping the weight clusters
+    pcqat = "pcqat"  # the same, keeping the pruned zeros and the clusters
+
+    @property
+    def aware(self) -> bool:
+        """Whether the mode fine-tunes with fake quantization before converting."""
+        return self in (QuantMode.qat, QuantMode.pqat, QuantMode.cqat, QuantMode.pcqat)
 
 
 @dataclass
@@ -324,8 +454,14 @@ class QuantConfig:
     # Store weights in TFLite's sparse format (pays off for heavily pruned models).
     sparse_weights: bool = False
     latency_repeats: int = 50  # single-image invokes timed for tflite_latency_ms
+    # int8 only: Keras layers whose ops stay float32 (the converter's denylist), e.g. the
+    # ones `python -m fallopt.sensitivity` finds quantized worst.
+    float_layers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        why = f"applies to quant=int8 only, not quant={self.mode.value}"
+        ok = not self.float_layers or self.mode is QuantMode.int8
+        require(ok, "quant.float_layers", self.float_layers, why)
         n = self.representative_samples
         require(n >= 1, "quant.representative_samples", n, "must be >= 1")
         require(self.threads >= 1, "quant.threads", self.threads, "must be >= 1")
@@ -339,7 +475,7 @@ class QuantConfig:
         ignored = set()
         if self.mode is not QuantMode.int8:
             ignored.add("representative_samples")
-        if self.mode not in (QuantMode.qat, QuantMode.pqat):
+        if not self.mode.aware:
             ignored.add("fine_tune_epochs")
         return ignored
 
@@ -415,14 +551,45 @@ class TargetConfig:
                 "must be >= 0 (0 = no TFLM inference, the arena only)")  # fmt: skip
 
 
+SENSITIVITY_SPARSITIES = [0.3, 0.5, 0.7, 0.8, 0.9, 0.95]
+
+
+@dataclass
+class SensitivityConfig:
+    """Settings of `python -m fallopt.sensitivity`.
+
+    Each layer in `scope` is pruned alone to each of `sparsities` without fine-tuning, on
+    the validation split. The proposed `prune.per_layer` map gives each layer the highest
+    sparsity whose accuracy drop (and every lower one's) stays within `max_drop`; layers
+    whose int8 error (rmse / scale, QuantizationDebugger) exceeds `float_threshold` are
+    proposed for `quant.float_layers`. Not part of a run's identity: runs ignore it.
+    """
+
+    sparsities: list[float] = field(default_factory=lambda: list(SENSITIVITY_SPARSITIES))
+    scope: str = "all"
+    max_drop: float = 0.02
+    float_threshold: float = 0.7
+
+    def __post_init__(self) -> None:
+        require(bool(self.sparsities), "sensitivity.sparsities", self.sparsities, "name one")
+        for value in self.sparsities:
+            check_fraction("sensitivity.sparsities[]", value, allow_zero=False)
+        check_scope("sensitivity.scope", self.scope)
+        require(0 <= self.max_drop < 1, "sensitivity.max_drop", self.max_drop,
+                "must satisfy 0 <= max_drop < 1 (accuracy, 0.02 = 2 points)")  # fmt: skip
+        require(self.float_threshold > 0, "sensitivity.float_threshold", self.float_threshold,
+                "must be > 0 (rmse / scale; 0.29 is ideal rounding)")  # fmt: skip
+
+
 @dataclass
 class FalloptConfig:
-    """One run: data, architecture, training, pruning, quantization, tracking, target device."""
+    """One run: data, model, training, pruning, clustering, quantization, tracking, device."""
 
     dataset: DatasetConfig = MISSING
     model: ModelConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
@@ -435,6 +602,11 @@ class FalloptConfig:
     verbose: bool = False  # errors the user can fix print their full trace too
     # Metrics a sweeper optimises, returned by each job; 2 make a Pareto front.
     objectives: list[str] = field(default_factory=lambda: ["val_accuracy"])
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+
+    def ignored(self) -> set[str]:
+        """The sensitivity tool's settings do not change a run."""
+        return {"sensitivity"}
 
     def __post_init__(self) -> None:
         check_seed("seed", self.seed)
@@ -442,6 +614,44 @@ class FalloptConfig:
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
         require(not unknown and bool(self.objectives), "objectives", self.objectives,
                  f"choose from {sorted(OBJECTIVES)}")  # fmt: skip
+        self._check_stages()
+
+    def _check_stages(self) -> None:
+        """Combinations of prune, cluster and quant that cannot do what they say."""
+        mode, clustered = self.quant.mode, self.cluster.method is not ClusterMethod.none
+        zeros = self.prune.method.magnitude
+        if mode in (QuantMode.cqat, QuantMode.pcqat) and not clustered:
+            raise ConfigError(
+                f"quant={mode.value} preserves weight clusters, but cluster=none: add "
+                "cluster=kmeans, or use quant=qat"
+            )
+        if mode is QuantMode.cqat and self.cluster.preserve_sparsity:
+            raise ConfigError(
+                "quant=cqat keeps the clusters but not the zeros cluster.preserve_sparsity=true "
+                "kept: use quant=pcqat"
+            )
+        if mode is QuantMode.pcqat and not (zeros and self.cluster.preserve_sparsity):
+            raise ConfigError(
+                "quant=pcqat preserves pruned zeros and clusters: it needs prune=constant or "
+                "prune=polynomial and cluster.preserve_sparsity=true (or use quant=cqat)"
+            )
+        if mode in (QuantMode.qat, QuantMode.pqat) and clustered:
+            raise ConfigError(
+                f"quant={mode.value} would undo the weight clusters of cluster=kmeans (each "
+                f"kernel ends with many more values): use quant=cqat, or quant=pcqat to keep "
+                "pruned zeros too"
+            )
+        if mode is QuantMode.pqat and not zeros:
+            raise ConfigError(
+                f"quant=pqat preserves pruned zeros, but prune={self.prune.method.value} makes "
+                "none: use quant=qat"
+            )
+        if clustered and self.cluster.preserve_sparsity and not zeros:
+            raise ConfigError(
+                f"cluster.preserve_sparsity=true keeps pruned zeros, but "
+                f"prune={self.prune.method.value} makes none: set it false, or prune with "
+                "prune=constant"
+            )
 
 
 # Metrics a job can return to a sweeper, and whether larger is better.
@@ -480,6 +690,7 @@ def register_configs() -> None:
     for group, schema in (
         ("train", TrainConfig),
         ("prune", PruneConfig),
+        ("cluster", ClusterConfig),
         ("quant", QuantConfig),
         ("tracking", TrackingConfig),
         ("target", TargetConfig),

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from mlflow.entities import Run
 
-from fallopt.cache import pruned_key
-from fallopt.config import FalloptConfig, PruneMethod, QuantMode
+from fallopt.cache import clustered_key, pruned_key
+from fallopt.config import ClusterMethod, FalloptConfig, PruneMethod
 from fallopt.data import load_dataset
 from fallopt.stage_store import stage_cache
 from fallopt.stages import baseline_key_for
@@ -31,6 +31,9 @@ def plan(cfg: FalloptConfig, what: str, done: Run | None) -> str:
     keys = {"baseline": baseline_key_for(data, cfg.model, cfg.train, cfg.seed)}
     if cfg.prune.method is not PruneMethod.none:
         keys["pruned"] = pruned_key(keys["baseline"], cfg.prune, cfg.train, cfg.seed)
+    if cfg.cluster.method is not ClusterMethod.none:
+        previous = list(keys.values())[-1]
+        keys["clustered"] = clustered_key(previous, cfg.cluster, cfg.train, cfg.seed)
     steps = []
     for kind, key in keys.items():
         status = cache.status(kind, key)
@@ -40,6 +43,6 @@ def plan(cfg: FalloptConfig, what: str, done: Run | None) -> str:
         else:
             status = {"cached": "reuse (cached)", "shared": "reuse (shared store)"}[status]
         steps.append(f"{kind} {status}")
-    if cfg.quant.mode in (QuantMode.qat, QuantMode.pqat):
+    if cfg.quant.mode.aware:
         steps.append(f"{cfg.quant.mode.value} fine-tune")
     return f"{what}: run; {', '.join(steps)}"

@@ -1,23 +1,26 @@
-"""The cached stages of a run: train the baseline, prune it. Each is built at most once.
+"""The cached stages of a run: train the baseline, prune it, cluster it. Each is built once.
 
-baseline = f(data, model, train, seed); pruned = f(baseline, prune, train, seed). Entries live
-in a `StageCache` on disk, so every run of a sweep (in this process or another) that shares
-a stage reuses it. Each stage's model is a `.keras` file without optimizer state.
+baseline = f(data, model, train, seed); pruned = f(baseline, prune, train, seed); clustered =
+f(pruned or baseline, cluster, train, seed). Entries live in a `StageCache` on disk, so every
+run of a sweep (in this process or another) that shares a stage reuses it. Each stage's model
+is a `.keras` file without optimizer state; a prune or cluster entry also holds its
+`Outcome` (what changed, per layer).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fallopt.cache import Entry, StageCache, baseline_key, pruned_key
-from fallopt.compress.prune import overall_sparsity, prune_and_fine_tune
+from fallopt.cache import Entry, StageCache, baseline_key, clustered_key, pruned_key
+from fallopt.compress.outcome import Outcome
+from fallopt.compress.pruners import PRUNERS
 from fallopt.compress.quantize import convert
 from fallopt.compress.schedule import Schedule
-from fallopt.config import ModelConfig, PruneConfig, QuantMode, TrainConfig
+from fallopt.config import ClusterConfig, ModelConfig, PruneConfig, QuantMode, TrainConfig
 from fallopt.data import Dataset, InputRule
 from fallopt.evaluate import evaluate_keras
 from fallopt.models import build_model, fit_baseline
@@ -135,35 +138,60 @@ def pruned(
     data: Dataset,
     base: StageResult,
     prune_cfg: PruneConfig,
-    schedule: Schedule,
+    schedule: Schedule | None,
     train_cfg: TrainConfig,
     seed: int,
     rule: InputRule,
     on_epoch_end: EpochHook | None = None,
 ) -> StageResult:
-    """Prune and fine-tune the baseline (or reuse the result); sparsity is verified inside."""
+    """Prune and fine-tune the baseline by `prune.method` (or reuse the result).
+
+    The method verifies what it made (`fallopt.compress.pruners`).
+    """
     key = pruned_key(base.entry.meta["key"], prune_cfg, train_cfg, seed)
 
     def build(out: Path) -> dict[str, Any]:
         seed_everything(seed)
-        result = prune_and_fine_tune(
-            base.model_file,
-            data.train,
-            data.val,
-            prune_cfg,
-            schedule,
-            train_cfg,
-            seed,
-            out / MODEL_FILE,
-            on_epoch_end,
-            rule,
-        )
-        return {
-            "history": result.history,
-            "sparsity_achieved": overall_sparsity(result.layers),
-            "layers": [asdict(layer) | {"sparsity": layer.sparsity} for layer in result.layers],
-            "threads": training_threads(),
-        }
+        outcome = PRUNERS[prune_cfg.method].build(
+            base.model_file, data, prune_cfg, schedule, train_cfg, seed, out / MODEL_FILE,
+            on_epoch_end, rule,
+        )  # fmt: skip
+        return {**outcome.as_meta(), "threads": training_threads()}
 
     entry, reused = cache.get_or_build("pruned", key, build)
     return StageResult(entry, reused)
+
+
+def clustered(
+    cache: StageCache,
+    data: Dataset,
+    previous: StageResult,
+    cluster_cfg: ClusterConfig,
+    train_cfg: TrainConfig,
+    seed: int,
+    rule: InputRule,
+    on_epoch_end: EpochHook | None = None,
+) -> StageResult:
+    """Cluster the previous stage's weights and fine-tune the centroids (or reuse the result).
+
+    The clusters, and kept zeros, are verified inside.
+    """
+    from fallopt.compress.cluster import cluster_and_fine_tune
+
+    key = clustered_key(previous.entry.meta["key"], cluster_cfg, train_cfg, seed)
+
+    def build(out: Path) -> dict[str, Any]:
+        seed_everything(seed)
+        outcome = cluster_and_fine_tune(
+            previous.model_file, data.train, data.val, cluster_cfg, train_cfg, seed,
+            out / MODEL_FILE, on_epoch_end, rule,
+        )  # fmt: skip
+        return {**outcome.as_meta(), "threads": training_threads()}
+
+    entry, reused = cache.get_or_build("clustered", key, build)
+    return StageResult(entry, reused)
+
+
+def outcome(stage: StageResult) -> Outcome:
+    """What a prune or cluster stage changed, as its entry recorded it."""
+    return Outcome.from_meta(stage.entry.meta)

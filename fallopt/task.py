@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import logging
@@ -17,7 +16,10 @@ import fallopt
 from fallopt import device, stages, timing, track
 from fallopt.backend import keras
 from fallopt.cache import StageCache
-from fallopt.compress.prune import check_m_by_n, select_layers
+from fallopt.compress.cluster import select_clusterable, verify_tflite
+from fallopt.compress.outcome import write_table
+from fallopt.compress.pruners import PRUNERS
+from fallopt.compress.quant_error import check_float_layers, convert_with_float_layers, float_ops
 from fallopt.compress.quantize import (
     AWARE,
     FULL_INTEGER,
@@ -26,9 +28,10 @@ from fallopt.compress.quantize import (
     quantization_aware_fine_tune,
     representative_images,
 )
-from fallopt.compress.schedule import Schedule, plan_schedule
+from fallopt.compress.schedule import Schedule
 from fallopt.config import (
     FALL_OBJECTIVES,
+    ClusterMethod,
     FalloptConfig,
     PruneMethod,
     QuantMode,
@@ -44,7 +47,7 @@ from fallopt.models import build_model
 from fallopt.plots import confusion_matrix_png, training_curves_png
 from fallopt.size import file_size, nonzero_params
 from fallopt.stage_store import stage_cache
-from fallopt.train import steps_per_epoch
+from fallopt.tflite_graph import Graph
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ SIZE_FILE = "model/model.keras"  # the artifact the keras_* size metrics measure
 def _preflight(cfg: FalloptConfig, data: Dataset) -> tuple[Schedule | None, np.ndarray | None]:
     """Checks that need the data: fail before an MLflow run is opened.
 
-    Returns the pruning schedule (None for prune=none) and the int8 calibration images.
+    Returns the pruning schedule (None without one) and the int8 calibration images.
     """
     fall_only = [name for name in cfg.objectives if name in FALL_OBJECTIVES]
     positive = None if data.positive is None else data.class_names[data.positive]
@@ -67,6 +70,10 @@ def _preflight(cfg: FalloptConfig, data: Dataset) -> tuple[Schedule | None, np.n
     model = build_model(cfg.model, data.input_shape, data.num_classes)  # checks the shape
     if cfg.quant.mode in AWARE:
         check_quantizable(model, cfg.quant.mode)
+    if cfg.quant.float_layers:
+        check_float_layers(model, cfg.quant.float_layers)
+    if cfg.cluster.method is not ClusterMethod.none:
+        select_clusterable(model, cfg.cluster)
     representative = None
     if cfg.quant.mode is QuantMode.int8:
         representative = representative_images(
@@ -80,11 +87,7 @@ def _preflight(cfg: FalloptConfig, data: Dataset) -> tuple[Schedule | None, np.n
             )  # fmt: skip
     if cfg.prune.method is PruneMethod.none:
         return None, representative
-    schedule = plan_schedule(cfg.prune, steps_per_epoch(len(data.train), cfg.train.batch_size))
-    layers = select_layers(model, cfg.prune.scope)
-    if cfg.prune.m_by_n is not None:
-        check_m_by_n(model, layers, cfg.prune.m_by_n)
-    return schedule, representative
+    return PRUNERS[cfg.prune.method].check(model, cfg.prune, data, cfg.train), representative
 
 
 def _rule(cfg: FalloptConfig) -> InputRule:
@@ -100,24 +103,6 @@ def _epochs(history: dict[str, list[float]]) -> int:
 def _joined(first: dict[str, list[float]], then: dict[str, list[float]]) -> dict[str, list[float]]:
     """Two trainings' histories as one, epoch after epoch (either may be empty)."""
     return {k: first.get(k, []) + then.get(k, []) for k in {**first, **then}}
-
-
-def _sparsity_table(layers: list[dict[str, Any]], path: Path) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["layer", "kernel_shape", "params", "zeros", "sparsity", "target"])
-        for layer in layers:
-            writer.writerow(
-                [
-                    layer["layer"],
-                    "x".join(map(str, layer["shape"])),
-                    layer["params"],
-                    layer["zeros"],
-                    f"{layer['sparsity']:.6f}",
-                    f"{layer['target']:.6f}",
-                ]
-            )
-    return path
 
 
 def _size_metrics(base: stages.StageResult, final: stages.StageResult, model: Any) -> dict:
@@ -176,36 +161,26 @@ def _baseline(
     return base, metrics
 
 
-def _prune(
-    cfg: FalloptConfig,
-    cache: StageCache,
-    data: Dataset,
-    base: stages.StageResult,
-    schedule: Schedule,
-    output_dir: Path,
-) -> tuple[stages.StageResult, dict[str, float]]:
-    first = _epochs(base.history) + 1  # fine-tune epochs continue the run's epoch count
-    pruned = stages.pruned(
-        cache, data, base, cfg.prune, schedule, cfg.train, cfg.seed, _rule(cfg),
-        track.epoch_logger(first),
-    )  # fmt: skip
-    if pruned.reused:
-        track.log_history(pruned.history, first_step=first)
-    track.set_tags({"fallopt.pruned_threads": str(pruned.entry.meta["threads"])})
-    layers = pruned.entry.meta["layers"]
-    track.log_artifacts([_sparsity_table(layers, output_dir / "sparsity_per_layer.csv")])
-    metrics = {"sparsity_achieved": pruned.entry.meta["sparsity_achieved"]}
-    metrics.update({f"sparsity_{x['layer']}": x["sparsity"] for x in layers})
-    log.info(
-        "[prune] %s: %s sparsity %.3f (target %.3f) over %s, %d fine-tune epochs",
-        pruned.status,
-        cfg.prune.method.value,
-        metrics["sparsity_achieved"],
-        layers[0]["target"],
-        ", ".join(x["layer"] for x in layers),
-        cfg.prune.fine_tune_epochs,
-    )
-    return pruned, metrics
+# A prune method's per-layer table, `<name>_per_layer.csv` (magnitude methods: `sparsity`).
+_TABLES = {PruneMethod.channels: "channels"}
+
+
+def _compress(
+    stage: stages.StageResult, kind: str, table: str, first_epoch: int, output_dir: Path
+) -> dict[str, float]:
+    """Log a prune or cluster stage on this run: its fine-tune, table, metrics and summary.
+
+    `kind` names the log line (`[prune]`) and the threads tag (`fallopt.pruned_threads`).
+    """
+    if stage.reused:
+        track.log_history(stage.history, first_step=first_epoch)
+    tag = {"prune": "pruned"}.get(kind, kind)
+    track.set_tags({f"fallopt.{tag}_threads": str(stage.entry.meta["threads"])})
+    outcome = stages.outcome(stage)
+    track.log_artifacts([write_table(outcome.rows, output_dir / f"{table}_per_layer.csv")])
+    log.info("[%s] %s, %d fine-tune epochs: %s", kind, stage.status, _epochs(stage.history),
+             outcome.summary)  # fmt: skip
+    return outcome.metrics
 
 
 @functools.lru_cache(maxsize=2)
@@ -237,7 +212,12 @@ def _evaluate(
         sizes["gzip_ratio_to_baseline"],
         f"{sizes['nonzero_params']:,}",
     )
-    return model, evaluation, {**metrics, **sizes, "params_total": model.count_params()}
+    params = {
+        "params_total": model.count_params(),
+        "baseline_params_total": base.entry.meta["params_total"],
+        "params_ratio_to_baseline": model.count_params() / base.entry.meta["params_total"],
+    }
+    return model, evaluation, {**metrics, **sizes, **params}
 
 
 def _quantize(
@@ -267,10 +247,22 @@ def _quantize(
         source_eval = evaluate_keras(model, data.test, _rule(cfg))
     else:
         model = final_model
-    content = convert(model, q.mode, representative, q.sparse_weights)
+    if q.float_layers:
+        content = convert_with_float_layers(model, representative, q.float_layers)
+        track.set_tags({"fallopt.float_ops": ", ".join(float_ops(content, model)) or "none"})
+    else:
+        content = convert(model, q.mode, representative, q.sparse_weights)
     tflite_file = output_dir / "model.tflite"
     tflite_file.write_bytes(content)
     reference = file_size(base.reference_tflite)  # the unpruned baseline as float32 TFLite
+    if cfg.cluster.method is not ClusterMethod.none:  # the file must keep what clustering made
+        clustered = [row["layer"] for row in stages.outcome(final).rows]
+        found = verify_tflite(content, final_model, clustered, cfg.cluster.clusters,
+                              keep_zeros=cfg.cluster.preserve_sparsity)  # fmt: skip
+        cluster_counts = {f"tflite_clusters_{name}": float(n) for name, n in found.items()}
+        cluster_counts["tflite_clusters_achieved"] = float(max(found.values()))
+    else:
+        cluster_counts = {}
     # XNNPACK's int8 arithmetic is not TFLite's reference arithmetic, which TFLM (and
     # CMSIS-NN) reproduce bit for bit: measured up to 21 LSB apart in the output, flipping
     # 2% of classes. Full-integer files are evaluated as the device computes them.
@@ -294,6 +286,8 @@ def _quantize(
             ),
             "tflite_latency_ms": tflite.latency_ms(data.test.x[0], q.latency_repeats),
             "tflite_throughput_ips": len(data.test) / seconds,  # the evaluation pass itself
+            "baseline_macs": Graph.from_bytes(base.reference_tflite.read_bytes()).macs,
+            **cluster_counts,
         }
     )
     if representative is not None:
@@ -385,10 +379,11 @@ def _figures_tag(cfg: FalloptConfig) -> str:
     before_qat = ", before quantization-aware training" if cfg.quant.mode in AWARE else ""
     last = "the quantization-aware fine-tune's" if cfg.quant.mode in AWARE else "the"
     return (
-        f"test_*, keras_*, confusion_matrix.*: {SIZE_FILE} (the final Keras model{before_qat}); "
-        "tflite_*, tflm_*, macs, peak_activation_bytes, flash_bytes: model.tflite; "
-        "baseline_*: the baseline before pruning; train_* and val_*: "
-        f"{last} last training epoch"
+        f"test_*, keras_*, params_*, confusion_matrix.*: {SIZE_FILE} (the final Keras "
+        f"model{before_qat}); tflite_*, tflm_*, macs, peak_activation_bytes, flash_bytes: "
+        "model.tflite; baseline_*: the baseline before pruning (baseline_macs: its float32 "
+        "TFLite file); sparsity_*, channels_*, clusters_*: the prune and cluster stages' "
+        f"models; train_* and val_*: {last} last training epoch"
     )
 
 
@@ -463,12 +458,26 @@ def run_experiment(
         cache = stage_cache(cfg.tracking)
         base, summary = _baseline(cfg, cache, data)
         final, history, phases = base, base.history, {}
-        if schedule is not None:
-            final, prune_metrics = _prune(cfg, cache, data, base, schedule, output_dir)
-            summary.update(prune_metrics)
-            history = _joined(base.history, final.history)
-            phases["pruning fine-tune"] = _epochs(base.history) + 1
-        track.set_tags({"fallopt.stage.prune": final.status if schedule else "none"})
+        if cfg.prune.method is not PruneMethod.none:
+            first = _epochs(history) + 1  # a fine-tune's epochs continue the run's count
+            final = stages.pruned(cache, data, base, cfg.prune, schedule, cfg.train, cfg.seed,
+                                  _rule(cfg), track.epoch_logger(first))  # fmt: skip
+            table = _TABLES.get(cfg.prune.method, "sparsity")
+            summary.update(_compress(final, "prune", table, first, output_dir))
+            history = _joined(history, final.history)
+            phases["pruning fine-tune"] = first
+        track.set_tags({"fallopt.stage.prune": final.status if final is not base else "none"})
+        clustered = None
+        if cfg.cluster.method is not ClusterMethod.none:
+            first = _epochs(history) + 1
+            clustered = stages.clustered(cache, data, final, cfg.cluster, cfg.train, cfg.seed,
+                                         _rule(cfg), track.epoch_logger(first))  # fmt: skip
+            summary.update(_compress(clustered, "cluster", "cluster", first, output_dir))
+            if clustered.history:
+                history = _joined(history, clustered.history)
+                phases["clustering fine-tune"] = first
+            final = clustered
+        track.set_tags({"fallopt.stage.cluster": clustered.status if clustered else "none"})
 
         model, evaluation, final_metrics = _evaluate(cfg, data, base, final)
         summary.update(final_metrics)

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 import fallopt  # noqa: F401  (sets TF_USE_LEGACY_KERAS before any test imports TensorFlow)
 import fallopt.config
+from fallopt.data import Split
 
 fallopt.config.register_configs()  # the schemas conf/ extends
 
@@ -43,6 +44,16 @@ TINY = [
     "train.batch_size=16",
     "prune.fine_tune_epochs=1",
 ]
+
+
+def bright_squares(n: int, train: int, size: int = 12) -> tuple[Split, Split]:
+    """n learnable grey images (a bright square means class 1): the first `train` for
+    training, the rest for validation."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(n, size, size, 1), dtype=np.uint8)
+    y = np.arange(n) % 2
+    x[y == 1, size // 4 : size - size // 4, size // 4 : size - size // 4] = 255
+    return Split(x[:train], y[:train]), Split(x[train:], y[train:])
 
 
 @pytest.fixture(autouse=True)

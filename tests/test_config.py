@@ -49,6 +49,13 @@ NEEDS = {
     "model=python": ["model.target=my_models:small_cnn"],
     "quant=qat": ["model=cauca_cnn_qat"],
     "quant=pqat": ["model=cauca_cnn_qat"],
+    "quant=cqat": ["model=cauca_cnn_qat", "cluster=kmeans"],
+    "quant=pcqat": [
+        "model=cauca_cnn_qat",
+        "cluster=kmeans",
+        "cluster.preserve_sparsity=true",
+        "prune.sparsity=0.5",
+    ],  # fmt: skip
 }
 
 
@@ -112,6 +119,27 @@ def test_user_keys_are_overridable(compose_cfg):
         ("prune.scope='conv('", "neither one of"),
         ("prune.m_by_n=[2,4];prune.sparsity=0.3", "set prune.sparsity=0.5"),
         ("prune.m_by_n=[4,2];prune.sparsity=0.5", "0 < m < n"),
+        ("prune.per_layer={conv3: 1.0}", "prune.per_layer.conv3=1.0 is invalid"),
+        ("prune.per_layer={conv3: x}", "prune.per_layer.conv3='x' is invalid: must be a sparsity"),
+        ("prune.per_layer=[conv3]", "must map layer names to sparsities"),
+        ("prune=none;prune.per_layer={conv3: 0.5}", "prune=none does not prune"),
+        ("prune.m_by_n=[2,4];prune.sparsity=0.5;prune.per_layer={a: 0.5}", "prune.m_by_n"),
+        ("prune=channels;prune.sparsity=0", "prune=channels needs the fraction"),
+        ("prune=channels;prune.criterion=l2", "prune.criterion='l2' is invalid: choose from"),
+        ("prune=channels;prune.min_channels=0", "prune.min_channels=0"),
+        ("cluster=kmeans;cluster.clusters=1", "cluster.clusters=1 is invalid: must be >= 2"),
+        ("cluster=kmeans;cluster.preserve_sparsity=true;cluster.clusters=2", "must be >= 3"),
+        ("cluster=kmeans;cluster.init=kmeans", "cluster.init='kmeans' is invalid: choose from"),
+        ("cluster=kmeans;cluster.scope='conv('", "cluster.scope='conv(' is"),
+        ("quant=cqat;model=cauca_cnn_qat", "quant=cqat preserves weight clusters, but"),
+        ("quant=cqat;cluster=kmeans;prune.sparsity=0.5;cluster.preserve_sparsity=true", "pcqat"),
+        ("quant=pcqat;cluster=kmeans", "quant=pcqat preserves pruned zeros and clusters"),
+        ("quant=qat;cluster=kmeans", "quant=qat would undo the weight clusters"),
+        ("quant=pqat;prune=channels", "prune=channels makes none: use quant=qat"),
+        ("prune=none;cluster=kmeans;cluster.preserve_sparsity=true", "prune=none makes none"),
+        ("quant=dynamic;quant.float_layers=[dense1]", "applies to quant=int8 only"),
+        ("sensitivity.max_drop=1", "sensitivity.max_drop=1"),
+        ("sensitivity.sparsities=[]", "sensitivity.sparsities=[]"),
         ("seed=-1", "seed=-1 is invalid: must satisfy 0 <= seed < 2**32"),
         ("seed=4294967296", "seed=4294967296 is invalid"),
         ("dataset.seed=-1", "dataset.seed=-1 is invalid"),
@@ -158,6 +186,11 @@ def test_config_hash_ignores_tracking_but_not_results(compose_cfg):
         ([], ["prune.power=2", "prune.initial_sparsity=0.3"]),  # constant sparsity: no curve
         ([], ["dataset.cache_dir=/elsewhere"]),  # where images are cached does not change them
         (["model.block_order=conv_relu"], ["model.bn_momentum=0.5"]),  # no BatchNorm
+        ([], ["prune.criterion=bn_gamma", "prune.min_channels=4"]),  # channels only
+        (["prune=channels"], ["prune.frequency=3", "prune.power=1"]),  # channels: no schedule
+        (["prune.per_layer={dense1: 0.5}"], ["prune.sparsity=0.3", "prune.scope=all"]),
+        ([], ["cluster.clusters=8", "cluster.init=linear"]),  # cluster=none
+        ([], ["sensitivity.max_drop=0.05"]),  # the sensitivity tool's, not a run's
     ],
 )
 def test_configs_that_mean_the_same_run_hash_the_same(compose_cfg, option, ignored):
@@ -170,6 +203,11 @@ def test_configs_that_mean_the_same_run_hash_the_same(compose_cfg, option, ignor
         ["quant=int8", "quant.representative_samples=7"],
         ["quant=qat", "model=cauca_cnn_qat", "quant.fine_tune_epochs=3"],
         ["prune=polynomial", "prune.power=1"],
+        ["prune=channels", "prune.criterion=bn_gamma"],
+        ["prune.per_layer={dense1: 0.5}"],
+        ["cluster=kmeans"],
+        ["cluster=kmeans", "cluster.clusters=8"],
+        ["quant=int8", "quant.float_layers=[dense1]"],
     ],
 )
 def test_keys_an_option_uses_still_change_the_hash(compose_cfg, different):

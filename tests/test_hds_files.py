@@ -70,6 +70,7 @@ def _check(run, root: Path, files: list[Path]) -> None:
     assert inputs[f"{tags['fallopt.dataset']}-test"].digest == h.hexdigest()[:16]
 
 
+@pytest.mark.slow
 def test_hds_as_an_image_folder_reaches_the_labs_accuracy(
     compose_cfg, tmp_path, tracking_uri, hds_files
 ):

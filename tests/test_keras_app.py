@@ -133,6 +133,7 @@ def test_vgg16_preprocessing_in_the_model_is_keras_caffe_preprocessing(built):
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_frozen_head_phase_then_fine_tune_of_the_last_layers(built):
     cfg = _cfg(**BUILT["mobilenet_v2"], fine_tune_epochs=1, unfreeze_layers=10)
     model = built("mobilenet_v2")  # trained here: the module's other tests only read it

@@ -18,11 +18,12 @@ from fallopt.compress.prune import (
 )
 from fallopt.compress.schedule import plan_schedule
 from fallopt.config import ConfigError, PruneConfig, PruneMethod, TrainConfig
-from fallopt.data import Split
 from fallopt.models import build_model
 from fallopt.models.conv import ConvNetConfig
 from fallopt.size import file_size, nonzero_params, save_model
 from fallopt.train import seed_everything, train_model
+
+from .conftest import bright_squares
 
 CONSTANT, POLYNOMIAL = PruneMethod.constant, PruneMethod.polynomial
 
@@ -74,11 +75,7 @@ TRAIN = TrainConfig(epochs=1, batch_size=8)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A trained tiny CNN saved as a baseline file, and its data."""
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(64, 12, 12, 1), dtype=np.uint8)
-    y = np.arange(64) % 2
-    x[y == 1, 3:9, 3:9] = 255
-    train, val = Split(x[:48], y[:48]), Split(x[48:], y[48:])
+    train, val = bright_squares(64, 48)
     seed_everything(0)
     model = build_model(
         ConvNetConfig(name="tiny", filters=[8], kernel_size=3, dense_units=[16]), (12, 12, 1), 2
@@ -106,6 +103,7 @@ def test_scope_dense_prunes_dense_kernels_and_leaves_conv_dense(tiny, tmp_path):
     assert _zeros(result.model, "conv1") == 0.0
 
 
+@pytest.mark.slow
 def test_scope_conv_and_name_pattern(tiny, tmp_path):
     conv = _prune(tiny, tmp_path, sparsity=0.7, scope="conv").model
     assert _zeros(conv, "conv1") == pytest.approx(0.7, abs=0.02)  # 72 weights: 1/72 steps
@@ -120,6 +118,7 @@ def test_polynomial_reaches_its_final_sparsity(tiny, tmp_path):
     assert all(abs(layer.sparsity - 0.6) <= 0.01 for layer in result.layers)
 
 
+@pytest.mark.slow
 def test_structured_2_of_4(tiny, tmp_path):
     result = _prune(tiny, tmp_path, sparsity=0.5, m_by_n=[2, 4], scope="dense1")
     kernel = result.model.get_layer("dense1").kernel.numpy()  # (288 inputs, 16 units)

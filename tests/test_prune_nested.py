@@ -180,11 +180,11 @@ def test_a_layer_tfmot_cannot_wrap_is_named():
     inputs = k.Input((4,))
     inner = k.Model(inputs, ScaledDense(2, name="scaled")(inputs), name="inner")
     model = k.Sequential([inner, k.layers.Dense(2, name="out")])
-    with pytest.raises(ConfigError, match=r"tfmot cannot prune layer\(s\) scaled \(ScaledDense\)"):
+    with pytest.raises(ConfigError, match=r"tfmot cannot wrap layer\(s\) scaled \(ScaledDense\)"):
         select_layers(model, "all")
     cfg = PruneConfig(fine_tune_epochs=1, sparsity=0.5)
     with pytest.raises(PruningError, match=r"tfmot cannot prune layer scaled \(ScaledDense\)"):
-        wrap_for_pruning(flatten_model(model), ["scaled"], plan_schedule(cfg, 2), None)
+        wrap_for_pruning(flatten_model(model), {"scaled": 0.5}, plan_schedule(cfg, 2), None)
 
 
 def test_mobilenetv2_depthwise_convs_are_left_dense():
@@ -196,7 +196,7 @@ def test_mobilenetv2_depthwise_convs_are_left_dense():
     names = select_layers(backbone, "all")
     assert "Conv1" in names and "block_16_project" in names
     assert not any("depthwise" in name for name in names)
-    with pytest.raises(ConfigError, match="matches no prunable layer"):
+    with pytest.raises(ConfigError, match="matches no Dense or Conv2D layer"):
         select_layers(backbone, "block_1_depthwise")
 
 

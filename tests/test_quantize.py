@@ -271,6 +271,7 @@ def test_latency_is_measured(files, trained):
     assert 0 < tflite.latency_ms(trained[2].x[0], repeats=5) < 1000
 
 
+@pytest.mark.slow
 def test_a_qat_run_says_which_model_each_figure_describes_and_returns_what_it_logged(
     compose_cfg, tmp_path, tracking_uri, monkeypatch
 ):

@@ -95,6 +95,7 @@ def test_tracked_run_records_everything_the_ui_needs(compose_cfg, tmp_path, trac
     assert m["test_accuracy"] == pytest.approx(np.trace(expected) / expected.sum())
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_metrics(compose_cfg, tmp_path, tracking_uri):
     first = _run(compose_cfg, tmp_path / "a", tracking_uri.replace("mlruns", "a"), *TINY)[2]
     second = _run(compose_cfg, tmp_path / "b", tracking_uri.replace("mlruns", "b"), *TINY)[2]

@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from .conftest import CONF, Sweep, multirun
 
 
+@pytest.mark.slow
 def test_sparsity_sweep_records_parent_children_plots_and_trains_the_baseline_once(tmp_path):
     sweep = multirun(tmp_path, "prune.sparsity=0.1,0.5,0.8")
     client, parent, children = sweep.client, sweep.parent, sweep.children

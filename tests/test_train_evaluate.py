@@ -12,6 +12,8 @@ from fallopt.models import build_model
 from fallopt.models.conv import ConvNetConfig
 from fallopt.train import batches, seed_everything, train_model
 
+from .conftest import bright_squares
+
 
 def test_binary_metrics_by_hand():
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
@@ -48,17 +50,14 @@ def test_the_event_metrics_follow_the_positive_class():
 
 
 def _tiny_run(seed: int):
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(48, 12, 12, 1), dtype=np.uint8)
-    y = np.arange(48) % 2
-    x[y == 1, 3:9, 3:9] = 255  # learnable: a bright square means class 1
+    train, val = bright_squares(48, 32)
     cfg = ConvNetConfig(name="t", filters=[4], kernel_size=3, dense_units=[8])
     seed_everything(seed)
     model = build_model(cfg, (12, 12, 1), 2)
     history = train_model(
         model,
-        Split(x[:32], y[:32]),
-        Split(x[32:], y[32:]),
+        train,
+        val,
         TrainConfig(epochs=2, batch_size=8),
         seed,
     )

@@ -17,6 +17,7 @@ by its path of model names (`vgg16/block1_conv1`).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from fallopt.backend import keras
+from fallopt.compress.outcome import Outcome
 from fallopt.compress.schedule import Schedule
 from fallopt.config import PruneConfig, PruneMethod, TrainConfig
 from fallopt.data import UNIT, InputRule, Split
@@ -119,8 +121,11 @@ def _layers_named(model: tf_keras.Model, names: list[str]) -> list[tf_keras.laye
     return [by_name[name] for name in names]
 
 
-def select_layers(model: tf_keras.Model, scope: str) -> list[str]:
-    """Names of the layers `scope` prunes: `dense`, `conv`, `all`, or a name pattern.
+def select_layers(model: tf_keras.Model, scope: str, key: str = "prune.scope") -> list[str]:
+    """Names of the layers `scope` selects: `dense`, `conv`, `all`, or a name pattern.
+
+    `key` is the config key the scope came from (`cluster.scope`, `sensitivity.scope`), as
+    errors name it.
 
     Layers of nested models count as the model's own. A pattern must match a layer's whole
     unique name (`block1_conv1`) or its path (`vgg16/block1_conv1`), so `vgg16/.*` selects a
@@ -150,16 +155,16 @@ def select_layers(model: tf_keras.Model, scope: str) -> list[str]:
         ]
     if not chosen:
         raise ConfigError(
-            f"prune.scope={scope!r} matches no prunable layer of model {model.name!r}; "
+            f"{key}={scope!r} matches no Dense or Conv2D layer of model {model.name!r}; "
             f"its Dense and Conv2D layers are {[leaf.name for leaf, _ in prunable]}"
         )
     refused = [leaf for leaf in chosen if not _wrappable(leaf.layer)]
     if refused:
         detail = ", ".join(f"{leaf.name} ({type(leaf.layer).__name__})" for leaf in refused)
         raise ConfigError(
-            f"tfmot cannot prune layer(s) {detail} selected by prune.scope={scope!r}: their "
-            "classes are neither built-in Keras layers nor define get_prunable_weights. Leave "
-            "them out of prune.scope"
+            f"tfmot cannot wrap layer(s) {detail} selected by {key}={scope!r}: their classes "
+            f"are neither built-in Keras layers nor define get_prunable_weights. Leave them "
+            f"out of {key}"
         )
     return [leaf.name for leaf in chosen]
 
@@ -224,6 +229,29 @@ def _inline(
     return tf.nest.pack_sequence_as(model._nested_outputs, outputs)  # noqa: SLF001
 
 
+def layer_targets(model: tf_keras.Model, prune: PruneConfig) -> dict[str, float]:
+    """Each layer magnitude pruning prunes, and the sparsity it must reach.
+
+    `prune.per_layer` names the layers and their sparsities; otherwise `prune.scope` selects
+    them at `prune.sparsity` (at 1 - m/n with `prune.m_by_n`).
+
+    Raises:
+        ConfigError: the scope selects nothing, or the map names a layer the model lacks or
+            one that cannot be pruned, listing the ones that can.
+    """
+    if prune.per_layer:
+        prunable = select_layers(model, "all")
+        unknown = [name for name in prune.per_layer if name not in prunable]
+        if unknown:
+            raise ConfigError(
+                f"prune.per_layer names {', '.join(unknown)}, which model {model.name!r} has no "
+                f"prunable layer called; its prunable layers: {', '.join(prunable)}"
+            )
+        return dict(prune.per_layer)
+    target = 1 - prune.m_by_n[0] / prune.m_by_n[1] if prune.m_by_n else prune.sparsity
+    return dict.fromkeys(select_layers(model, prune.scope), target)
+
+
 def check_m_by_n(model: tf_keras.Model, layer_names: list[str], m_by_n: list[int]) -> None:
     """Refuse, before training, an m:n pattern a selected layer cannot take whole.
 
@@ -271,9 +299,14 @@ def _tfmot_schedule(schedule: Schedule):  # noqa: ANN202 (tfmot has no type stub
 
 
 def wrap_for_pruning(
-    model: tf_keras.Model, layer_names: list[str], schedule: Schedule, m_by_n: list[int] | None
+    model: tf_keras.Model,
+    targets: dict[str, float],
+    schedule: Schedule,
+    m_by_n: list[int] | None,
 ) -> tf_keras.Model:
-    """Wrap the selected layers of `model` with `prune_low_magnitude`.
+    """Wrap the layers named in `targets` with `prune_low_magnitude`, each to its sparsity.
+
+    Every layer follows `schedule`'s steps towards its own target.
 
     The wrappers share `model`'s layer objects, so `model` is pruned along with the result:
     pass a copy you will not use again (here: a model just loaded from the baseline file).
@@ -285,17 +318,16 @@ def wrap_for_pruning(
     import tensorflow_model_optimization as tfmot
 
     prune_low_magnitude = tfmot.sparsity.keras.prune_low_magnitude
-    kwargs = {"pruning_schedule": _tfmot_schedule(schedule)}
-    if m_by_n is not None:
-        kwargs["sparsity_m_by_n"] = tuple(m_by_n)
-    chosen = set(layer_names)
+    kwargs = {} if m_by_n is None else {"sparsity_m_by_n": tuple(m_by_n)}
+    chosen = set(targets)
 
     def wrap(layer: tf_keras.layers.Layer) -> tf_keras.layers.Layer:
         if layer.name not in chosen:
             return layer
         chosen.remove(layer.name)
+        own = dataclasses.replace(schedule, target=targets[layer.name])
         try:
-            return prune_low_magnitude(layer, **kwargs)
+            return prune_low_magnitude(layer, pruning_schedule=_tfmot_schedule(own), **kwargs)
         except ValueError as e:  # tfmot's message names the class, not the layer
             raise PruningError(
                 f"tfmot cannot prune layer {layer.name} ({type(layer).__name__}): {e}"
@@ -310,14 +342,13 @@ def wrap_for_pruning(
     return wrapped
 
 
-def measure_sparsity(
-    model: tf_keras.Model, layer_names: list[str], target: float
-) -> list[LayerSparsity]:
-    """Zeros in the kernel of each named layer of a stripped model."""
+def measure_sparsity(model: tf_keras.Model, targets: dict[str, float]) -> list[LayerSparsity]:
+    """Zeros in the kernel of each named layer of a stripped model, against its target."""
     out = []
-    for name, layer in zip(layer_names, _layers_named(model, layer_names), strict=True):
+    for name, layer in zip(targets, _layers_named(model, list(targets)), strict=True):
         kernel = layer.kernel.numpy()
-        out.append(LayerSparsity(name, kernel.shape, kernel.size, int((kernel == 0).sum()), target))
+        zeros = int((kernel == 0).sum())
+        out.append(LayerSparsity(name, kernel.shape, kernel.size, zeros, targets[name]))
     return out
 
 
@@ -338,11 +369,12 @@ def check_sparsity(layers: list[LayerSparsity], tolerance: float = TOLERANCE) ->
         if abs(layer.zeros - layer.target * layer.params) > max(tolerance * layer.params, 1)
     ]
     if missed:
-        detail = ", ".join(f"{layer.layer} {layer.sparsity:.3f}" for layer in missed)
+        detail = ", ".join(
+            f"{layer.layer} {layer.sparsity:.3f} (target {layer.target:.3f})" for layer in missed
+        )
         raise PruningError(
-            f"pruned layers missed their target sparsity {missed[0].target:.3f} by more than "
-            f"{tolerance * 100:g} point(s): {detail}. Check prune.frequency, prune.begin and "
-            "prune.end"
+            f"pruned layers missed their target sparsity by more than {tolerance * 100:g} "
+            f"point(s): {detail}. Check prune.frequency, prune.begin and prune.end"
         )
 
 
@@ -365,6 +397,20 @@ class PruneResult:
     model: tf_keras.Model
     history: dict[str, list[float]]
     layers: list[LayerSparsity]
+
+    def outcome(self) -> Outcome:
+        """What every run using this stage logs: `sparsity_<layer>`, `sparsity_per_layer.csv`."""
+        achieved = overall_sparsity(self.layers)
+        metrics = {"sparsity_achieved": achieved}
+        metrics.update({f"sparsity_{x.layer}": x.sparsity for x in self.layers})
+        rows = [
+            {"layer": x.layer, "kernel_shape": "x".join(map(str, x.shape)), "params": x.params,
+             "zeros": x.zeros, "sparsity": round(x.sparsity, 6), "target": round(x.target, 6)}
+            for x in self.layers
+        ]  # fmt: skip
+        detail = ", ".join(f"{x.layer} {x.sparsity:.3f}/{x.target:.3f}" for x in self.layers)
+        summary = f"sparsity {achieved:.3f} overall; achieved/target: {detail}"
+        return Outcome(self.history, metrics, rows, summary)
 
 
 def prune_and_fine_tune(
@@ -395,12 +441,12 @@ def prune_and_fine_tune(
 
     k = keras()
     baseline = k.models.load_model(baseline_file, compile=False)
-    names = select_layers(baseline, prune.scope)
+    targets = layer_targets(baseline, prune)
     flat = flatten_model(baseline)
     if flat is not baseline:  # a few images show a wrongly rewired graph
         probe = Split(val.x[:FLATTEN_PROBE], val.y[:FLATTEN_PROBE])
-        _check_same_predictions(baseline, flat, probe, rule, "the flattened baseline")
-    wrapped = wrap_for_pruning(flat, names, schedule, prune.m_by_n)
+        check_same_predictions(baseline, flat, probe, rule, "the flattened baseline")
+    wrapped = wrap_for_pruning(flat, targets, schedule, prune.m_by_n)
     history = fit(
         wrapped,
         train,
@@ -413,19 +459,18 @@ def prune_and_fine_tune(
         rule,
     )
     stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
-    target = 1 - prune.m_by_n[0] / prune.m_by_n[1] if prune.m_by_n else prune.sparsity
-    layers = measure_sparsity(stripped, names, target)
+    layers = measure_sparsity(stripped, targets)
     check_sparsity(layers)
     if prune.m_by_n:
-        check_structure(stripped, names, prune.m_by_n)
+        check_structure(stripped, list(targets), prune.m_by_n)
 
     save_model(stripped, out_file)
     reloaded = k.models.load_model(out_file, compile=False)
-    _check_same_predictions(wrapped, reloaded, val, rule, f"the stripped model saved to {out_file}")
+    check_same_predictions(wrapped, reloaded, val, rule, f"the stripped model saved to {out_file}")
     return PruneResult(reloaded, history, layers)
 
 
-def _check_same_predictions(
+def check_same_predictions(
     expected: tf_keras.Model, actual: tf_keras.Model, split: Split, rule: InputRule, what: str
 ) -> None:
     """Raise unless `actual` predicts `expected`'s classes and probabilities (to 1e-6)."""

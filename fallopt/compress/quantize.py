@@ -1,9 +1,14 @@
-"""Convert a Keras model to TFLite: float32, dynamic range, float16, full int8, QAT, PQAT."""
+"""Convert a Keras model to TFLite: float32, dynamic, float16, int8, QAT, PQAT, CQAT, PCQAT.
+
+The quantization-aware modes fine-tune with fake quantization first: pqat keeps the pruned
+zeros, cqat the weight clusters, pcqat both.
+"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,7 +23,7 @@ from fallopt.train import EpochHook, fit
 if TYPE_CHECKING:
     import tf_keras
 
-AWARE = (QuantMode.qat, QuantMode.pqat)
+AWARE = tuple(mode for mode in QuantMode if mode.aware)
 # Modes whose files compute in int8 between layers, as a microcontroller does.
 FULL_INTEGER = (QuantMode.int8, *AWARE)
 
@@ -34,13 +39,23 @@ def representative_images(train: Split, n: int, seed: int, rule: InputRule = UNI
     return rule.apply(train.x[chosen])
 
 
+# What post-training int8, the alternative check_quantizable offers, keeps of what each mode
+# would preserve (measured: pruned zeros and <= k values per output channel survive it).
+_INT8_KEEPS = {
+    QuantMode.pqat: " (post-training int8 keeps the pruned zeros too)",
+    QuantMode.cqat: " (post-training int8 keeps the clusters per output channel too)",
+    QuantMode.pcqat: " (post-training int8 keeps the zeros and, per output channel, the clusters)",
+}
+
+
 def check_quantizable(model: tf_keras.Model, mode: QuantMode) -> None:
     """Refuse, before any training, a model tfmot's QAT cannot wrap.
 
     tfmot supports BatchNormalization only right after a Conv2D or DepthwiseConv2D without
     activation (it folds the pair, as in MobileNetV2); the lab's Conv2D(relu) -> BatchNorm
     order is rejected deep inside tfmot. A nested model is checked as the flat model QAT
-    will wrap, each BatchNorm against the layer that feeds it.
+    will wrap, each BatchNorm against the layer that feeds it. The same holds for every
+    aware mode: pqat, cqat and pcqat wrap the model as qat does, with other weight quantizers.
     """
     layers = keras().layers
     for layer in flatten_model(model).layers:
@@ -55,8 +70,62 @@ def check_quantizable(model: tf_keras.Model, mode: QuantMode) -> None:
                 f"quant={mode.value} cannot wrap layer {layer.name} (BatchNormalization "
                 f"{after}, {why}): quantization-aware training needs BatchNorm right after a "
                 "Conv2D or DepthwiseConv2D without activation. Use model=cauca_cnn_qat (Conv "
-                "-> BatchNorm -> ReLU) or quant=int8"
+                f"-> BatchNorm -> ReLU) or quant=int8{_INT8_KEEPS.get(mode, '')}"
             )
+
+
+@functools.cache
+def _cluster_preserve_scheme() -> type:
+    """The tfmot cluster-preserving scheme, with a fresh weight quantizer for every layer.
+
+    tfmot 0.8.1's `Default8bitClusterPreserveQuantizeRegistry` makes one weight quantizer per
+    layer class and hands it to every Dense (and every Conv2D) layer. Built for a layer
+    without zeros, that shared quantizer sets its `preserve_sparsity` to False ("apply CQAT
+    instead"), and the flag is read at every call: one zero-free layer switches zero
+    preservation off for all layers of its class. Measured: conv2 and dense1 pruned, conv1
+    and output not, PCQAT left 0 of 2,048 zeros of dense1 in the int8 file; with a quantizer
+    per layer all of them survive. (A class, made on first use: tfmot imports TensorFlow.)
+    """
+    import tensorflow_model_optimization as tfmot
+    from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.cluster_preserve import (  # noqa: E501
+        cluster_preserve_quantize_registry as cpqr,
+    )
+
+    class OwnQuantizers(cpqr.Default8bitClusterPreserveQuantizeRegistry):
+        def __init__(self, preserve_sparsity: bool) -> None:
+            super().__init__(preserve_sparsity)
+            self._preserve = preserve_sparsity
+
+        def get_quantize_config(self, layer: Any) -> Any:
+            # Make the quantizers anew, so that this layer gets its own.
+            cpqr.ClusterPreserveQuantizeRegistry.__init__(self, self._preserve)
+            return super().get_quantize_config(layer)
+
+    combine = tfmot.experimental.combine
+
+    class ClusterPreserveScheme(combine.Default8BitClusterPreserveQuantizeScheme):
+        def get_quantize_registry(self) -> Any:
+            return OwnQuantizers(self.preserve_sparsity)
+
+    return ClusterPreserveScheme
+
+
+def _aware_scheme(mode: QuantMode) -> Any:
+    """The tfmot quantize scheme that makes `mode`'s quantization-aware model.
+
+    qat: tfmot's default (what `quantize_model` uses); pqat: keeps pruned zeros; cqat: keeps
+    the weight clusters; pcqat: keeps both. tfmot's cluster-preserving scheme defaults to
+    preserving zeros, so cqat must say False.
+    """
+    import tensorflow_model_optimization as tfmot
+
+    schemes = {
+        QuantMode.qat: tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme,
+        QuantMode.pqat: tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme,
+        QuantMode.cqat: lambda: _cluster_preserve_scheme()(preserve_sparsity=False),
+        QuantMode.pcqat: lambda: _cluster_preserve_scheme()(preserve_sparsity=True),
+    }
+    return schemes[mode]()
 
 
 def quantization_aware_fine_tune(
@@ -70,8 +139,10 @@ def quantization_aware_fine_tune(
     on_epoch_end: EpochHook | None = None,
     rule: InputRule = UNIT,
 ) -> tuple[tf_keras.Model, dict[str, list[float]]]:
-    """Fine-tune a fresh copy of the model with fake quantization (pqat keeps its zeros).
+    """Fine-tune a fresh copy of the model with fake quantization.
 
+    pqat keeps the pruned zeros, cqat the weight clusters (each kernel's values, found again
+    from the weights), pcqat both. Their input is the stripped model of the previous stage.
     Returns the quantization-aware model and the fine-tune's per-epoch history.
     """
     import tensorflow_model_optimization as tfmot
@@ -80,11 +151,7 @@ def quantization_aware_fine_tune(
     # tfmot refuses a model nested in another ("not supported"): QAT wraps the flat copy.
     model = flatten_model(keras().models.load_model(model_file, compile=False))
     check_quantizable(model, mode)
-    if mode is QuantMode.pqat:
-        scheme = tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
-        aware = qkeras.quantize_apply(qkeras.quantize_annotate_model(model), scheme)
-    else:
-        aware = qkeras.quantize_model(model)
+    aware = qkeras.quantize_apply(qkeras.quantize_annotate_model(model), _aware_scheme(mode))
     history = fit(aware, train, val, train_cfg, epochs, seed, on_epoch_end, rule=rule)
     return aware, history
 
@@ -99,8 +166,9 @@ def convert(
     """The model as a TFLite flatbuffer in the given mode.
 
     `representative` (float32 images) is required for int8, whose input and output are int8.
-    For qat and pqat, `model` is the quantization-aware model. `sparse_weights` stores
-    weights in TFLite's sparse format.
+    For the aware modes (qat, pqat, cqat, pcqat), `model` is the quantization-aware model,
+    whose fake quantization gives int8 weights and activations (float32 input and output).
+    `sparse_weights` stores weights in TFLite's sparse format.
     """
     import tensorflow as tf
 

@@ -46,6 +46,7 @@ class ConvNetConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.block_order = BlockOrder(self.block_order)  # a string from Python code, not Hydra
         require(self.width > 0, "model.width", self.width, "must be > 0 (1.0 = as listed)")
         require(len(self.filters) >= 1, "model.filters", self.filters, "needs >= 1 conv block")
         for key in ("filters", "dense_units"):

@@ -34,11 +34,15 @@ METRICS: dict[str, str] = {
     "tflm_arena_bytes": "tflm_arena_bytes",
     "flash_bytes": "flash_bytes",
     "macs": "macs",
+    "params_total": "params_total",
 }
 PARAMS = [
     "prune.method",
     "prune.sparsity",
     "prune.scope",
+    "prune.per_layer",
+    "cluster.method",
+    "cluster.clusters",
     "quant.mode",
     "model.name",
     "model.width",
@@ -185,6 +189,18 @@ def one_dataset(
     return table, failures
 
 
+def per_layer(params: dict[str, Any]) -> str | None:
+    """A run's `prune.per_layer` map as `{conv1: 0.3, dense1: 0.9}`, None without one.
+
+    Logged params are flat: the map arrives as `prune.per_layer.<layer>` keys.
+    """
+    prefix = "prune.per_layer."
+    found = {k.removeprefix(prefix): v for k, v in params.items() if k.startswith(prefix)}
+    if not found:
+        return None
+    return "{" + ", ".join(f"{k}: {v}" for k, v in found.items()) + "}"
+
+
 def label(params: dict[str, Any]) -> str:
     """A run's settings in a few words: `cauca_cnn x0.5 64px · constant 0.5 dense · int8`.
 
@@ -196,8 +212,12 @@ def label(params: dict[str, Any]) -> str:
     if params.get("dataset.image_size") not in (None, "None"):
         model += f" {params['dataset.image_size'].strip('[]').replace(', ', 'x')}px"
     prune = params.get("prune.method", "none")
-    if prune != "none":
+    if per_layer(params):
+        prune = f"{prune} {per_layer(params)}"
+    elif prune != "none":
         prune = f"{prune} {params.get('prune.sparsity')} {params.get('prune.scope')}"
+    if params.get("cluster.method") not in (None, "none"):
+        prune += f" · {params['cluster.method']} {params.get('cluster.clusters')}"
     return f"{model} · {prune} · {params.get('quant.mode', 'none')}"
 
 
@@ -228,6 +248,7 @@ def runs_table(runs: list[Run]) -> pd.DataFrame:
         params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
         row: dict[str, Any] = {"run_id": run.info.run_id, "label": label(params)}
         row.update({key: params.get(key) for key in PARAMS})
+        row["prune.per_layer"] = per_layer(params)
         row.update({name: metrics.get(key, np.nan) for name, key in METRICS.items()})
         row["dataset"] = tags.get("fallopt.dataset") or params.get("dataset.name", "?")
         row["classes"] = tags.get("fallopt.classes", "")

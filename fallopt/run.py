@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -36,12 +38,27 @@ if "--help" in sys.argv or "-h" in sys.argv:  # before Hydra answers it: 0.8 s i
     share_group_listing_repository()
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | list[float] | None:
-    """Validate the composed config and run it; returns `objectives` (None if it failed)."""
+@contextmanager
+def user_errors_exit(cfg: DictConfig) -> Iterator[None]:
+    """Start an entry point; an error the user can fix becomes one line and exit 2.
+
+    `verbose=true` adds the trace; `HYDRA_FULL_ERROR=1` lets Hydra print it instead.
+    """
     native_logs(verbose=bool(cfg.get("verbose")))  # before TensorFlow loads: its C++ lines
     interrupt.install()
     try:
+        yield
+    except FalloptError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s", e, exc_info=bool(cfg.get("verbose")))  # verbose=true: with the trace
+        sys.exit(EXIT_USER_ERROR)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | list[float] | None:
+    """Validate the composed config and run it; returns `objectives` (None if it failed)."""
+    with user_errors_exit(cfg):
         try:
             settings = config.validate(cfg)
         except FalloptError as e:
@@ -53,11 +70,6 @@ def main(cfg: DictConfig) -> float | list[float] | None:
         from fallopt.job import run_job  # MLflow loads only now, TensorFlow only if training
 
         return run_job(settings, cfg)
-    except FalloptError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        log.error("%s", e, exc_info=bool(cfg.get("verbose")))  # verbose=true: with the trace
-        sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Exit codes as `fallopt.run`: 0 done, 2 bad config or data (one line), 1 unexpect
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -29,10 +28,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from fallopt import config, interrupt
-from fallopt.backend import native_logs
-from fallopt.errors import EXIT_USER_ERROR, FalloptError
-from fallopt.run import CONF_DIR
+from fallopt import config
+from fallopt.run import CONF_DIR, user_errors_exit
 
 log = logging.getLogger("fallopt")
 config.register_configs()
@@ -184,15 +181,8 @@ def _report(per_layer: dict[str, float], float_layers: list[str], proposal: list
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     """Validate the composed config and analyse it."""
-    native_logs(verbose=bool(cfg.get("verbose")))
-    interrupt.install()
-    try:
+    with user_errors_exit(cfg):
         analyse(config.validate(cfg))
-    except FalloptError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        log.error("%s", e, exc_info=bool(cfg.get("verbose")))
-        sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

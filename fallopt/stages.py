@@ -25,6 +25,7 @@ from fallopt.data import Dataset, InputRule
 from fallopt.evaluate import evaluate_keras
 from fallopt.models import build_model, fit_baseline
 from fallopt.size import nonzero_params, save_model
+from fallopt.tflite_graph import Graph
 from fallopt.train import EpochHook, seed_everything
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ def baseline(
                 model_cfg, model, data.train, data.val, train_cfg, seed, on_epoch_end, rule
             )
         save_model(model, out / MODEL_FILE)
-        (out / REFERENCE_TFLITE).write_bytes(convert(model, QuantMode.none))
+        reference = convert(model, QuantMode.none)
+        (out / REFERENCE_TFLITE).write_bytes(reference)
         test = evaluate_keras(model, data.test, rule)
         if history:
             train_acc, val_acc = history["accuracy"][-1], history["val_accuracy"][-1]
@@ -121,6 +123,7 @@ def baseline(
         return {
             "history": history,
             "params_total": model.count_params(),
+            "macs": Graph.from_bytes(reference).macs,  # of the float32 file, as runs count
             "nonzero_params": nonzero_params(model),
             "train_accuracy": train_acc,
             "val_accuracy": val_acc,

@@ -47,7 +47,6 @@ from fallopt.models import build_model
 from fallopt.plots import confusion_matrix_png, training_curves_png
 from fallopt.size import file_size, nonzero_params
 from fallopt.stage_store import stage_cache
-from fallopt.tflite_graph import Graph
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +285,7 @@ def _quantize(
             ),
             "tflite_latency_ms": tflite.latency_ms(data.test.x[0], q.latency_repeats),
             "tflite_throughput_ips": len(data.test) / seconds,  # the evaluation pass itself
-            "baseline_macs": Graph.from_bytes(base.reference_tflite.read_bytes()).macs,
+            "baseline_macs": base.entry.meta["macs"],
             **cluster_counts,
         }
     )

@@ -15,6 +15,11 @@ from ai_edge_litert import schema_py_generated as schema
 
 # Ops whose input 1 is a weight tensor.
 WEIGHT_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"})
+# How the TF op doing a Keras weight layer's work is named in a converted tensor's name
+# (`t/conv1/Conv2D`, `t/quant_dense1/MatMul;...`): the part after the layer's name.
+KERAS_WEIGHT_OP_STEMS = (
+    "Conv2D", "MatMul", "BiasAdd", "depthwise", "convolution", "conv2d_transpose", "Tensordot"
+)  # fmt: skip
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 _TYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 # Bits per element: INT4 packs two to a byte.

@@ -42,6 +42,7 @@ from fallopt.config import ClusterConfig, TrainConfig
 from fallopt.data import UNIT, InputRule, Split
 from fallopt.errors import ConfigError, FalloptError
 from fallopt.size import save_model
+from fallopt.tflite_graph import KERAS_WEIGHT_OP_STEMS, WEIGHT_OPS, Graph
 from fallopt.train import EpochHook, fit
 
 if TYPE_CHECKING:
@@ -49,8 +50,6 @@ if TYPE_CHECKING:
 
 # fallopt's `cluster.init` names that are not tfmot's CentroidInitialization names lower-cased.
 _TFMOT_INITS = {"density": "DENSITY_BASED"}
-# TFLite ops whose input 1 is a weight tensor with the output channels on axis 0.
-_TFLITE_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
 class ClusterError(FalloptError):
@@ -356,7 +355,6 @@ def _weight_tensors(content: bytes) -> list[tuple[str, np.ndarray]]:
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     from fallopt.backend import native_logs_filtered
-    from fallopt.tflite_graph import Graph
 
     graph = Graph.from_bytes(content)
     # The built-in kernels: XNNPACK cannot take sparse weights.
@@ -369,7 +367,7 @@ def _weight_tensors(content: bytes) -> list[tuple[str, np.ndarray]]:
     made_by = {out: op for op in graph.ops for out in op.outputs}
     found = []
     for op in graph.ops:
-        if op.name not in _TFLITE_WEIGHT_OPS:
+        if op.name not in WEIGHT_OPS:  # input 1: the weights
             continue
         index = op.inputs[1]
         while index in made_by and made_by[index].name == "DEQUANTIZE":
@@ -396,7 +394,7 @@ def _layer_pattern(layer: str) -> re.Pattern[str]:
     holds the layers folded into it (`t/relu1/Relu;t/bn1/FusedBatchNormV3;t/conv1/Conv2D`),
     so the layer must be followed by an op that a conv or dense layer computes.
     """
-    ops = "Conv2D|MatMul|Tensordot|BiasAdd|depthwise|convolution"
+    ops = "|".join(KERAS_WEIGHT_OP_STEMS)
     return re.compile(rf"(?:^|[/;])(?:quant_)?{re.escape(layer)}/(?:{ops})")
 
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from fallopt.backend import keras, stderr_captured
 from fallopt.errors import ConfigError, FalloptError
-from fallopt.tflite_graph import WEIGHT_OPS, Graph
+from fallopt.tflite_graph import KERAS_WEIGHT_OP_STEMS, WEIGHT_OPS, Graph
 from fallopt.timing import timed
 
 if TYPE_CHECKING:
@@ -45,9 +45,6 @@ if TYPE_CHECKING:
     import tf_keras
 
 log = logging.getLogger(__name__)
-
-# The last name part of the TF op that does a weight layer's work, in a tensor's name.
-_WEIGHT_OP_STEMS = ("Conv2D", "MatMul", "BiasAdd", "depthwise", "conv2d_transpose", "Tensordot")
 
 
 @dataclass(frozen=True)
@@ -113,7 +110,7 @@ def _guess_layer(tensor: str) -> str:
     """
     for part in tensor.split(";"):
         segments = part.split("/")
-        if len(segments) >= 2 and segments[-1].startswith(_WEIGHT_OP_STEMS):
+        if len(segments) >= 2 and segments[-1].startswith(KERAS_WEIGHT_OP_STEMS):
             return segments[-2]
     return ""
 

@@ -6,7 +6,7 @@ import pytest
 
 from fallopt.config import ConfigError, validate
 from fallopt.models import build_model
-from fallopt.models.conv import feature_map_sizes
+from fallopt.models.conv import BlockOrder, ConvNetConfig, feature_map_sizes
 
 
 @pytest.mark.parametrize(
@@ -35,6 +35,18 @@ def test_block_orders(compose_cfg):
     # QAT can wrap BatchNorm only right after a Conv2D without activation.
     assert _layer_kinds(qat)[:4] == ["Conv2D", "BatchNormalization", "ReLU", "MaxPooling2D"]
     assert qat.get_layer("conv1").activation.__name__ == "linear"
+
+
+@pytest.mark.parametrize("order", ["conv_bn_relu", "conv_relu"])
+def test_a_block_order_given_as_a_string_in_python_is_the_same_order(order):
+    """Built from Python (tests, scripts), not Hydra: a string once built no BatchNorm at all."""
+    cfg = ConvNetConfig(name="t", filters=[4], kernel_size=3, dense_units=[8], block_order=order)
+    enum = ConvNetConfig(name="t", filters=[4], kernel_size=3, dense_units=[8],
+                         block_order=BlockOrder(order))  # fmt: skip
+    assert cfg.block_order is BlockOrder(order)
+    got, want = (_layer_kinds(build_model(c, (12, 12, 1), 2)) for c in (cfg, enum))
+    assert got == want
+    assert ("BatchNormalization" in got) == (order == "conv_bn_relu")
 
 
 def test_widths_and_kernel_come_from_config(compose_cfg):

@@ -5,6 +5,11 @@ An entry is a directory named by the hash of everything that determines the stag
 for the first to finish instead of training the same model twice. Entries are written to a
 temporary directory and renamed into place, and every file carries a checksum in
 `meta.json`: a truncated or corrupt entry is detected and rebuilt, never used.
+
+Machines that do not share this disk share entries through a `RemoteStore`: a local miss is
+fetched from it (and checked against its checksums like any entry), and a stage nobody has
+published is claimed there first, so one builder in the whole cluster trains it while the
+others wait for it (see stage_store.py).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,12 +76,36 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# Where a process got an entry from (tags `fallopt.<kind>_from`).
+BUILT, CACHED, FETCHED = "built", "cache", "store"
+
+WAIT_POLL_SECONDS = 2.0  # how often a waiting worker looks for the entry another one builds
+_WAIT_LOG_SECONDS = 60.0
+
+
 @dataclass(frozen=True)
 class Entry:
-    """A complete cache entry: its directory and its metadata."""
+    """A complete cache entry: its directory, its metadata and where this process got it.
+
+    `origin` is BUILT (here, now), CACHED (this disk) or FETCHED (the shared store, its
+    files checked against their checksums).
+    """
 
     path: Path
     meta: dict[str, Any]
+    origin: str = CACHED
+
+
+class Claim(Protocol):
+    """The right to build one entry for the whole cluster, until published or released."""
+
+    def publish(self, src: Path) -> None:
+        """Upload the complete entry; only then can others fetch it."""
+        ...
+
+    def release(self, error: str) -> None:
+        """Give the claim up unpublished (the build failed): another worker may build."""
+        ...
 
 
 class RemoteStore(Protocol):
@@ -85,8 +115,8 @@ class RemoteStore(Protocol):
         """Copy entry `name`'s files into `dest`; False if the store has no such entry."""
         ...
 
-    def publish(self, name: str, src: Path) -> None:
-        """Upload a complete entry."""
+    def claim(self, name: str) -> Claim | str:
+        """Claim the building of `name`; or, if a live worker builds it, who that is."""
         ...
 
     def has(self, name: str) -> bool:
@@ -143,7 +173,7 @@ class StageCache:
         """Return the entry for (kind, key), building it with `build(tmp_dir)` if needed.
 
         `build` writes its files into the directory it is given and returns JSON-able
-        metadata. Returns the entry and whether it was reused.
+        metadata. Returns the entry and whether it was reused (from this disk or the store).
         """
         name = f"{kind}-{key}"
         final = self.root / name
@@ -155,25 +185,57 @@ class StageCache:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = self.root / f".{name}.{os.getpid()}.tmp"
             tmp.mkdir(parents=True)
+            claim = None
             try:
-                if self.remote is not None and self.remote.fetch(name, tmp):
-                    entry = self._valid(tmp)
-                    if entry is not None:
+                if self.remote is not None:
+                    fetched, claim = self._fetch_or_claim(name, tmp)
+                    if fetched is not None:
                         self._install(tmp, final)
-                        log.info("[cache] %s fetched from the shared store", name)
-                        return Entry(final, entry.meta), True
-                    shutil.rmtree(tmp)
-                    tmp.mkdir()
-                meta = build(tmp)
-                files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-                meta = {**meta, "key": key, "kind": kind, "files": files}
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-                self._install(tmp, final)
+                        return Entry(final, fetched.meta, FETCHED), True
+                try:
+                    meta = build(tmp)
+                    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+                    meta = {**meta, "key": key, "kind": kind, "files": files}
+                    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+                    self._install(tmp, final)
+                except BaseException as e:
+                    if claim is not None:
+                        claim.release(f"{type(e).__name__}: {e}")
+                    raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            if self.remote is not None:
-                self.remote.publish(name, final)
-            return Entry(final, meta), False
+            if claim is not None:
+                claim.publish(final)
+            return Entry(final, meta, BUILT), False
+
+    def _fetch_or_claim(self, name: str, tmp: Path) -> tuple[Entry | None, Claim | None]:
+        """The published entry, fetched into `tmp` and checked; else this worker's claim.
+
+        While another live worker builds it, wait for its upload rather than train it twice.
+        """
+        assert self.remote is not None
+        waiting_since = logged = None
+        while True:
+            if self.remote.fetch(name, tmp):
+                entry = self._valid(tmp)
+                if entry is not None:
+                    log.info("[cache] %s fetched from the shared store, %d files checked "
+                             "against their checksums", name, len(entry.meta["files"]))  # fmt: skip
+                    return entry, None
+                log.warning("[cache] %s in the shared store fails its checksums: building it "
+                            "anew, unless another worker already does", name)  # fmt: skip
+                shutil.rmtree(tmp)
+                tmp.mkdir()
+            claim = self.remote.claim(name)
+            if not isinstance(claim, str):
+                return None, claim
+            now = time.monotonic()
+            waiting_since = waiting_since or now
+            if logged is None or now - logged >= _WAIT_LOG_SECONDS:
+                log.info("[cache] %s is being built by %s: waiting for it (%.0f s so far)",
+                         name, claim, now - waiting_since)  # fmt: skip
+                logged = now
+            time.sleep(WAIT_POLL_SECONDS)
 
     @staticmethod
     def _install(tmp: Path, final: Path) -> None:

@@ -24,7 +24,7 @@ RESULTS_VERSION = 3
 
 # Top-level keys that say how to run rather than what: they do not change a run's identity.
 EXECUTION_KEYS = (
-    "tracking", "force", "dry_run", "keep_going", "threads", "objectives", "verbose"
+    "tracking", "force", "dry_run", "keep_going", "threads", "objectives", "verbose", "deploy"
 )  # fmt: skip
 
 

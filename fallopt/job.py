@@ -15,10 +15,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from mlflow.entities import Run
@@ -62,11 +62,18 @@ class Job:
         return f"job {self.num + 1}/{self.total or '?'}"
 
 
+def task_overrides(overrides: Sequence[str]) -> str:
+    """A job's name: its overrides, without the keys that only say how to run.
+
+    Named by what differs in results: MLflow's random names repeat once `random` is seeded.
+    """
+    return " ".join(o for o in overrides if not _is_execution_key(o))
+
+
 def current_job() -> Job:
     """This job as Hydra launched it."""
     hc = HydraConfig.get()
-    # Named by what differs in results: MLflow's random names repeat once `random` is seeded.
-    overrides = " ".join(o for o in hc.overrides.task if not _is_execution_key(o))
+    overrides = task_overrides(hc.overrides.task)
     if hc.mode != RunMode.MULTIRUN:
         return Job(None, None, overrides, None, 1)
     total = os.environ.get(TOTAL_ENV)
@@ -230,17 +237,17 @@ def run_job(cfg: FalloptConfig, hydra_cfg: DictConfig) -> float | list[float] | 
 
     start = time.time()
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    before = track.last_run_id()
     try:
         metrics = run_experiment(cfg, digest, output_dir, parent)
     except Exception as e:
-        run = mlflow.last_active_run()
-        failed = (
-            run.info.run_id if run and run.data.tags.get("fallopt.config_hash") == digest else None
-        )
+        opened = track.last_run_id()  # the run this job opened, if it got that far
+        failed = opened if opened != before else None
         record(parent, job, "failed", failed, f"{type(e).__name__}: {e}")
         return _go_on(job, cfg.keep_going, e)
-    run_id = mlflow.last_active_run().info.run_id
-    MlflowClient().set_tag(run_id, "fallopt.threads", str(threads))
+    run_id = track.last_run_id()
+    assert run_id is not None and run_id != before
+    track.client(cfg.tracking.uri).set_tag(run_id, "fallopt.threads", str(threads))
     record(parent, job, "finished", run_id)
     _progress(parent, job, time.time() - start)
     return objectives(cfg.objectives, metrics)

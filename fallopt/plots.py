@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -22,12 +24,28 @@ def style_axes(ax: plt.Axes, xlabel: str, ylabel: str, title: str) -> None:
     ax.legend()
 
 
-def save_figure(fig: plt.Figure, path: Path) -> Path:
-    """Write the figure as a PNG and free it."""
-    fig.tight_layout()
+def save_figure(fig: plt.Figure, path: Path, tight: bool = True) -> Path:
+    """Write the figure as a PNG and free it.
+
+    `tight` fits the layout to the labels, which costs matplotlib a second pass over the
+    figure; the figures drawn for every run set their margins instead and are drawn once.
+    """
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+_CHAR_INCHES = 0.075  # a tick label character at matplotlib's default 10 pt, generously
+
+
+def _margins(fig: plt.Figure, left: float, bottom: float, top: float, right: float = 0.25) -> None:
+    """Fixed margins in inches, so the figure needs no layout pass (see `save_figure`)."""
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(
+        left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height
+    )
 
 
 def draw_confusion(
@@ -67,14 +85,42 @@ def draw_confusion(
     ax.set_title(title, fontsize=title_size, wrap=True)
 
 
+# PNGs drawn in this process, by what they show: a figure already drawn is copied, not drawn
+# again. A prune x quant grid's runs share their pruned model, so its confusion matrix and
+# curves (0.1 s each to draw) are drawn once per pruned model instead of once per run.
+_drawn: dict[str, Path] = {}
+
+
+def _once(path: Path, content: object, draw: Callable[[], Path]) -> Path:
+    """Draw a figure into `path` unless one showing `content` was drawn; then copy that."""
+    key = hashlib.sha256(repr(content).encode()).hexdigest()
+    earlier = _drawn.get(key)
+    if earlier is not None and earlier.is_file():
+        shutil.copyfile(earlier, path)
+        return path
+    if len(_drawn) >= 256:
+        _drawn.clear()
+    _drawn[key] = draw()
+    return path
+
+
 def confusion_matrix_png(
     confusion: np.ndarray, class_names: Sequence[str], path: Path, title: str
 ) -> Path:
     """One confusion matrix as a PNG (see `draw_confusion`)."""
+    return _once(path, ("confusion", confusion.tolist(), list(class_names), title),
+                 lambda: _confusion_png(confusion, class_names, path, title))  # fmt: skip
+
+
+def _confusion_png(
+    confusion: np.ndarray, class_names: Sequence[str], path: Path, title: str
+) -> Path:
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(max(1.2 * n + 2.5, 5.5), 1.1 * n + 2.4))
+    label = _CHAR_INCHES * max(len(name) for name in class_names)
+    fig, ax = plt.subplots(figsize=(max(1.2 * n + 2.5, 5.5) + label, 1.1 * n + 2.4 + 0.7 * label))
     draw_confusion(ax, confusion, class_names, title)
-    return save_figure(fig, path)
+    _margins(fig, left=0.75 + label, bottom=0.75 + 0.71 * label, top=0.75)  # labels at 45°
+    return save_figure(fig, path, tight=False)
 
 
 def training_curves_png(
@@ -84,6 +130,11 @@ def training_curves_png(
 
     `phases` marks where each fine-tune starts: its label and its first epoch (1-based).
     """
+    return _once(path, ("curves", history, phases),
+                 lambda: _curves_png(history, path, phases))  # fmt: skip
+
+
+def _curves_png(history: dict[str, list[float]], path: Path, phases: dict[str, int] | None) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history["loss"]) + 1)
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
@@ -95,7 +146,9 @@ def training_curves_png(
             ax.axvline(first - 0.5, color="grey", linestyle=style, label=f"{label} starts")
         ylabel = "cross-entropy loss" if metric == "loss" else "accuracy (fraction correct)"
         style_axes(ax, "epoch", ylabel, f"{metric} per epoch")
-    return save_figure(fig, path)
+    _margins(fig, left=0.75, bottom=0.55, top=0.4)
+    fig.subplots_adjust(wspace=0.3)
+    return save_figure(fig, path, tight=False)
 
 
 _SPARSITY_AXIS = "target sparsity (fraction of pruned weights set to zero)"

@@ -1,18 +1,28 @@
 """A stage store shared through MLflow, for workers that do not share a disk (Ray clusters).
 
 Each stage entry becomes one MLflow run in the experiment `<experiment>.stages`, tagged
-`fallopt.stage=<kind>-<key>`, with the entry's files as artifacts under `entry/`. The run is
-marked FINISHED only after every file is uploaded, and only FINISHED runs are fetched, so a
-worker killed mid-upload never publishes a partial entry; fetched files are still checked
-against the checksums in their `meta.json` (see cache.py).
+`fallopt.stage=<kind>-<key>`, with the entry's files as artifacts under `entry/`.
+
+- **One builder in the cluster.** A worker about to build an entry first claims it: it opens
+  the entry's run (RUNNING) and looks at the other RUNNING runs of that entry. The oldest
+  claim whose writer lives wins; a losing claim is deleted and its worker waits for the
+  upload. The builder's run beats a heartbeat tag, so a builder that dies on another host
+  is noticed within `track.STALE_SECONDS` (on this host, or on a dead Ray node, at once),
+  its claim is ended KILLED, and a waiting worker takes over.
+- **Nothing partial is ever fetched.** The run is marked FINISHED only after every file is
+  uploaded, and only FINISHED runs are fetched; fetched files are still checked against the
+  checksums in their `meta.json` (see cache.py).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import threading
+import time
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fallopt import track
@@ -26,49 +36,113 @@ STAGE_TAG = "fallopt.stage"
 _ENTRY = "entry"
 
 
+class _Heartbeat:
+    """Beats `track.HEARTBEAT_TAG` on a run from a daemon thread until stopped."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self._stop = threading.Event()
+        self._client, self._run_id = MlflowClient(uri), run_id
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="fallopt-heartbeat")
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(track.HEARTBEAT_SECONDS):
+            try:
+                self._client.set_tag(self._run_id, track.HEARTBEAT_TAG, f"{time.time():.0f}")
+            except MlflowException as e:  # the store is away: others may take over; so be it
+                log.debug("[cache] heartbeat of %s not recorded: %s", self._run_id, e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _Claim:
+    """This worker's claim on building one entry: its RUNNING run, beating until it ends."""
+
+    def __init__(self, store: MlflowStageStore, run_id: str, name: str) -> None:
+        self._store, self.run_id, self._name = store, run_id, name
+        self._heartbeat = _Heartbeat(store.uri, run_id)
+
+    def publish(self, src: Path) -> None:
+        """Upload the entry's files; the run is FINISHED only once every file is there.
+
+        The heartbeat goes on during the upload, however long it takes.
+        """
+        client, status = self._store.client, "FAILED"
+        try:
+            client.log_artifacts(self.run_id, str(src), _ENTRY)
+            status = "FINISHED"
+        finally:
+            self._heartbeat.stop()
+            client.set_terminated(self.run_id, status)
+        log.info("[cache] %s published to experiment %r", self._name, self._store.experiment)
+
+    def release(self, error: str) -> None:
+        """End the claim FAILED (the build failed), so that another worker may build."""
+        self._heartbeat.stop()
+        try:
+            self._store.client.set_tag(self.run_id, "fallopt.error", error[: track.MAX_TAG])
+            self._store.client.set_terminated(self.run_id, "FAILED")
+        except MlflowException as e:  # its heartbeat has stopped: others take over anyway
+            log.warning("[cache] cannot end the claim on %s: %s", self._name, e.message)
+
+
 class MlflowStageStore:
     """Stage entries as FINISHED MLflow runs with their files as artifacts."""
 
     def __init__(self, tracking: TrackingConfig) -> None:
         self.experiment = f"{tracking.experiment}.stages"
+        self.uri = tracking.uri
         self._experiment_id = track.connect(tracking, self.experiment)
-        self._client = MlflowClient(tracking.uri)
+        self.client = track.client(tracking.uri)
         for run_id in track.reap_dead_runs(self._experiment_id):
             log.info("[cache] upload %s was left RUNNING by a killed process: KILLED", run_id)
 
-    def _run_id(self, name: str) -> str | None:
-        runs = track.find_runs(self._experiment_id, {STAGE_TAG: name}, status="FINISHED")
-        return runs[0].info.run_id if runs else None
+    def _runs(self, name: str, status: str) -> list:
+        return track.find_runs(self._experiment_id, {STAGE_TAG: name}, status=status)
 
     def has(self, name: str) -> bool:
         """Whether a complete entry `name` was published."""
-        return self._run_id(name) is not None
+        return bool(self._runs(name, "FINISHED"))
 
     def fetch(self, name: str, dest: Path) -> bool:
         """Download entry `name`'s files into `dest`; False if none was published."""
-        run_id = self._run_id(name)
-        if run_id is None:
+        published = self._runs(name, "FINISHED")
+        if not published:
             return False
-        downloaded = Path(self._client.download_artifacts(run_id, _ENTRY, str(dest)))
+        run_id = published[0].info.run_id
+        downloaded = Path(self.client.download_artifacts(run_id, _ENTRY, str(dest)))
         for path in downloaded.iterdir():
             shutil.move(str(path), dest / path.name)
         downloaded.rmdir()
         return True
 
-    def publish(self, name: str, src: Path) -> None:
-        """Upload a complete entry; the run is FINISHED only once every file is there."""
-        run = self._client.create_run(
+    def claim(self, name: str) -> _Claim | str:
+        """Claim the building of `name`: this worker's claim, or who holds the winning one.
+
+        Claims of dead writers are ended KILLED on the way. Among live claims the oldest
+        wins (start time, then run id: every worker computes the same answer).
+        """
+        mine = self.client.create_run(
             self._experiment_id,
             run_name=name,
-            tags={STAGE_TAG: name, "fallopt.role": "stage", **track.owner_tags()},
+            tags={
+                STAGE_TAG: name,
+                "fallopt.role": "stage",
+                track.HEARTBEAT_TAG: f"{time.time():.0f}",
+                **track.owner_tags(),
+            },
         )
-        status = "FAILED"
-        try:
-            self._client.log_artifacts(run.info.run_id, str(src), _ENTRY)
-            status = "FINISHED"
-        finally:
-            self._client.set_terminated(run.info.run_id, status)
-        log.info("[cache] %s published to experiment %r", name, self.experiment)
+        rivals = [r for r in self._runs(name, "RUNNING") if r.info.run_id != mine.info.run_id]
+        claims = [mine, *track.live_runs(rivals)]
+        first = min(claims, key=lambda r: (r.info.start_time, r.info.run_id))
+        if first is mine and not self.has(name):
+            return _Claim(self, mine.info.run_id, name)
+        self.client.delete_run(mine.info.run_id)  # a losing claim leaves nothing behind
+        if first is mine:  # published between this worker's fetch and its claim
+            return "a worker that has just published it"
+        return track.describe_owner(first)
 
 
 def stage_cache(tracking: TrackingConfig) -> StageCache:

@@ -83,6 +83,14 @@ class StageResult:
             return "reused"
         return "trained" if self.history else "loaded"
 
+    @property
+    def origin(self) -> str:
+        """Where this process got it, as tagged on runs (`fallopt.<kind>_from`).
+
+        `built`, `cache` (this disk) or `store` (the shared store, checksums checked).
+        """
+        return self.entry.origin
+
 
 def baseline(
     cache: StageCache,

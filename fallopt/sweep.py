@@ -38,15 +38,47 @@ log = logging.getLogger("fallopt.sweep")
 
 def sweep_size(config: DictConfig) -> int | None:
     """How many jobs the sweep will launch: the grid's size, or an Optuna study's n_trials."""
+    from hydra.utils import get_class
+
     sweeper = config.hydra.sweeper
     if "optuna" in str(sweeper.get("_target_", "")):
         return int(sweeper.n_trials)
-    if "BasicSweeper" not in str(sweeper.get("_target_", "")):
+    # By name: Hydra's plugin scan executes plugin modules again, making new class objects.
+    grid = f"{BasicSweeper.__module__}.{BasicSweeper.__qualname__}"
+    if grid not in (f"{c.__module__}.{c.__qualname__}" for c in get_class(sweeper._target_).mro()):
         return None
     params = sweeper.get("params") or {}
     arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
     overrides = OverridesParser.create().parse_overrides(arguments)
     return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
+
+
+def _check_launcher(config: DictConfig) -> None:
+    """Let the launcher refuse what it cannot run before the parent run opens.
+
+    A launcher class may define `check_config(config)` (the Ray launcher: its head answers).
+    """
+    from hydra.utils import get_class
+
+    check = getattr(get_class(config.hydra.launcher._target_), "check_config", None)
+    if check is not None:
+        check(config)
+
+
+def _unreachable(uri: str) -> str | None:
+    """Why the tracking server at `uri` is gone, in one line; None if it answers (or is a file).
+
+    Asked before the summary: MLflow's client would retry each of its requests.
+    """
+    from fallopt.track import TrackingError, check_reachable
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        check_reachable(uri)
+    except TrackingError as e:
+        return str(e)
+    return None
 
 
 class SweepRecord(Callback):
@@ -55,6 +87,7 @@ class SweepRecord(Callback):
     def __init__(self) -> None:
         self._parent: str | None = None
         self._client: MlflowClient | None = None
+        self._uri = ""
         self._out_dir = Path(".")
         self._total: int | None = None
         self._objectives: list[str] = []
@@ -87,10 +120,12 @@ class SweepRecord(Callback):
         if config.get("dry_run"):
             log.info("[dry-run] %s jobs; nothing is trained or logged", self._total or "?")
             return
+        _check_launcher(config)
         tracking = OmegaConf.to_object(config.tracking)
         assert isinstance(tracking, TrackingConfig)
         experiment_id = track.connect(tracking)
         self._client = MlflowClient(tracking.uri)
+        self._uri = tracking.uri
         self._out_dir = Path(config.hydra.sweep.dir)
         self._objectives = list(config.objectives)
         overrides = " ".join(config.hydra.overrides.task)
@@ -134,6 +169,14 @@ class SweepRecord(Callback):
         for name in (PARENT_ENV, START_ENV, TOTAL_ENV):
             os.environ.pop(name, None)
         self._failed = True  # unless the summary says every job finished
+        gone = _unreachable(self._uri)
+        if gone is not None:
+            log.error(
+                "[sweep] no summary: %s. The sweep's parent run %s stays RUNNING until a later "
+                "sweep finds it dead; once the server is back, run the same sweep again: it "
+                "redoes exactly the jobs that did not finish", gone, parent,
+            )  # fmt: skip
+            return
         try:
             deleted = self._client.get_run(parent).info.lifecycle_stage == "deleted"
         except MlflowException:

@@ -129,7 +129,6 @@ def _reason(written: str) -> str:
     return "; ".join(kept) or "TFLM failed to allocate tensors without saying why"
 
 
-@timed("tflm")
 def _known_obstacle(graph: Graph) -> str | None:
     """What TFLM has no kernel for, in plain words: an op, or a variant conversions make."""
     missing = [op for op in graph.op_names() if op not in TFLM_OP_METHOD]
@@ -145,6 +144,7 @@ def _known_obstacle(graph: Graph) -> str | None:
     return None
 
 
+@timed("tflm")
 def minimal_arena(content: bytes, graph: Graph) -> int:
     """The smallest arena, to `ARENA_STEP` bytes, in which TFLM allocates the model.
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import re
 import socket
+import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -17,6 +20,7 @@ from typing import Any
 import mlflow
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from fallopt import interrupt
 from fallopt.config import TrackingConfig
@@ -27,6 +31,13 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 
 _SQLITE = "sqlite:///"
 MAX_TAG = 5000  # characters fallopt writes into one tag (MLflow takes 8,000)
+
+# A writer on another host cannot be checked by its pid: one that must be known alive (a
+# stage's builder, which others wait for) beats a tag; silent for STALE_SECONDS, it is dead.
+# Hosts' clocks must agree to well within that (NTP does).
+HEARTBEAT_TAG = "fallopt.heartbeat"
+HEARTBEAT_SECONDS = 10.0
+STALE_SECONDS = 60.0
 
 
 class TrackingError(FalloptError):
@@ -91,13 +102,41 @@ def path_component(name: str) -> str:
     return f"{safe or 'experiment'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
+@functools.lru_cache(maxsize=8)
+def client(uri: str) -> MlflowClient:
+    """One client per store and process (MLflow's fluent calls build one per call)."""
+    return MlflowClient(uri)
+
+
+# (uri, experiment, store file's inode) -> experiment id: a job opens its store once.
+_connected: dict[tuple[str, str, int], str] = {}
+
+
 def connect(cfg: TrackingConfig, experiment: str | None = None) -> str:
     """Point MLflow at `cfg.uri` and return the id of an experiment, creating both if needed.
 
     The experiment is `cfg.experiment` unless named. A new experiment's artifacts go to
     `cfg.artifact_location`, by default `artifacts/` beside a SQLite database, so the whole
-    store lives under one folder.
+    store lives under one folder. The answer is remembered for the process: later calls for
+    the same store and experiment cost nothing (a SQLite file replaced meanwhile is new).
     """
+    name = experiment or cfg.experiment
+    if cfg.uri.startswith(("http://", "https://")):
+        check_reachable(cfg.uri)  # every time: a server gone since must fail in seconds
+    db = sqlite_path(cfg.uri)
+    inode = db.stat().st_ino if db is not None and db.exists() else 0
+    known = _connected.get((cfg.uri, name, inode))
+    if known is not None:
+        mlflow.set_tracking_uri(cfg.uri)
+        return known
+    experiment_id = _open(cfg, experiment)
+    if db is not None:
+        inode = db.stat().st_ino
+    _connected[(cfg.uri, name, inode)] = experiment_id
+    return experiment_id
+
+
+def _open(cfg: TrackingConfig, experiment: str | None) -> str:
     name = experiment or cfg.experiment
     artifact_location = cfg.artifact_location
     db = sqlite_path(cfg.uri)
@@ -111,8 +150,6 @@ def connect(cfg: TrackingConfig, experiment: str | None = None) -> str:
         artifact_location = f"{artifact_location.rstrip('/')}/{path_component(experiment)}"
     if db is not None and not db.exists():
         _create_sqlite_store(db)
-    if cfg.uri.startswith(("http://", "https://")):
-        check_reachable(cfg.uri)
     mlflow.set_tracking_uri(cfg.uri)
     try:
         found = mlflow.get_experiment_by_name(name)
@@ -145,9 +182,29 @@ def find_runs(experiment_id: str, tags: dict[str, str], status: str | None = Non
     )
 
 
+def ray_node() -> str | None:
+    """The Ray node this process works on (a Ray worker, or a connected driver), else None."""
+    ray = sys.modules.get("ray")  # never imported here: only a process in Ray has it
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
 def owner_tags() -> dict[str, str]:
     """Which process writes a run: lets a later process tell a dead writer from a live one."""
-    return {"fallopt.host": socket.gethostname(), "fallopt.pid": str(os.getpid())}
+    tags = {"fallopt.host": socket.gethostname(), "fallopt.pid": str(os.getpid())}
+    node = ray_node()
+    if node is not None:
+        tags["fallopt.ray_node"] = node
+    return tags
+
+
+def describe_owner(run: Run) -> str:
+    """`pid 123 on host-a (Ray node 1f2e3d4c)`: who writes a run, for log lines."""
+    tags = run.data.tags
+    node = tags.get("fallopt.ray_node")
+    where = f" (Ray node {node[:8]})" if node else ""
+    return f"pid {tags.get('fallopt.pid', '?')} on {tags.get('fallopt.host', '?')}{where}"
 
 
 def _alive(pid: int) -> bool:
@@ -160,22 +217,78 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _dead_ray_nodes() -> set[str]:
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return set()
+    return {node["NodeID"] for node in ray.nodes() if not node["Alive"]}
+
+
+class _Liveness:
+    """Tells whether a RUNNING run's writer is dead.
+
+    By its pid on this host, its Ray node (asked once, and only if needed), or its heartbeat.
+    """
+
+    def __init__(self) -> None:
+        self._dead_nodes: set[str] | None = None
+
+    def dead(self, run: Run) -> str | None:
+        """Why the run's writer is known to be dead, or None if it may be alive."""
+        tags = run.data.tags
+        if tags.get("fallopt.host") == socket.gethostname():
+            pid = tags.get("fallopt.pid", "")
+            return "its process died (killed)" if pid.isdigit() and not _alive(int(pid)) else None
+        node = tags.get("fallopt.ray_node")
+        if node:
+            if self._dead_nodes is None:
+                self._dead_nodes = _dead_ray_nodes()
+            if node in self._dead_nodes:
+                return f"its Ray node {node[:8]} died"
+        beat = tags.get(HEARTBEAT_TAG)
+        if beat and time.time() - float(beat) > STALE_SECONDS:
+            return f"its writer fell silent (no heartbeat for {time.time() - float(beat):.0f} s)"
+        return None
+
+
+def end_dead(run: Run, why: str) -> None:
+    """Mark a dead writer's run KILLED, saying why."""
+    c = client(mlflow.get_tracking_uri())
+    c.set_tag(run.info.run_id, "fallopt.error", why)
+    c.set_terminated(run.info.run_id, "KILLED")
+
+
+def live_runs(runs: list[Run]) -> list[Run]:
+    """The RUNNING `runs` whose writers may be alive; the dead ones' runs are ended KILLED."""
+    liveness, alive = _Liveness(), []
+    for run in runs:
+        why = liveness.dead(run)
+        if why is None:
+            alive.append(run)
+        else:
+            end_dead(run, why)
+    return alive
+
+
 def reap_dead_runs(experiment_id: str) -> list[str]:
-    """Mark KILLED the experiment's RUNNING runs whose writer, on this host, has died.
+    """Mark KILLED the experiment's RUNNING runs whose writer is known to have died.
 
     A SIGKILLed process cannot end its runs (a job's, a sweep's parent, a stage upload); this
-    is how they stop showing as RUNNING. Runs written from other hosts are left alone: their
-    writers cannot be checked from here.
+    is how they stop showing as RUNNING. A writer on this host is checked by its pid, one on
+    another host by its Ray node (when this process is in Ray) or its heartbeat; runs of
+    other writers are left alone.
     """
-    reaped = []
-    for run in find_runs(experiment_id, {"fallopt.host": socket.gethostname()}, "RUNNING"):
-        pid = run.data.tags.get("fallopt.pid", "")
-        if pid.isdigit() and not _alive(int(pid)):
-            client = mlflow.MlflowClient()
-            client.set_tag(run.info.run_id, "fallopt.error", "its process died (killed)")
-            client.set_terminated(run.info.run_id, "KILLED")
-            reaped.append(run.info.run_id)
-    return reaped
+    running = find_runs(experiment_id, {}, "RUNNING")
+    alive = {run.info.run_id for run in live_runs(running)}
+    return [run.info.run_id for run in running if run.info.run_id not in alive]
+
+
+_last_run_id: str | None = None
+
+
+def last_run_id() -> str | None:
+    """The id of the run this process started last (`mlflow.last_active_run` reads it whole)."""
+    return _last_run_id
 
 
 @contextmanager
@@ -186,7 +299,9 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) 
     as tag `fallopt.error`): it is never left RUNNING. A Ctrl-C that some library swallowed
     still ends it KILLED (see `interrupt`).
     """
+    global _last_run_id
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    _last_run_id = run.info.run_id
     try:
         interrupt.check()
         yield run.info.run_id
@@ -203,14 +318,35 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) 
     mlflow.end_run("FINISHED")
 
 
+def _active() -> tuple[MlflowClient, str]:
+    """The process's client for the store, and the active run's id."""
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("no active MLflow run (track.tracked_run starts one)")
+    return client(mlflow.get_tracking_uri()), run.info.run_id
+
+
+def _log_batch(kind: str, items: list[Any]) -> None:
+    """Log params, metrics or tags to the active run in as few requests as MLflow allows."""
+    c, run_id = _active()
+    size = 1000 if kind == "metrics" else 100  # MLflow's limits per batch
+    for i in range(0, len(items), size):
+        c.log_batch(run_id, **{kind: items[i : i + size]})
+
+
 def log_params(flat: dict[str, Any]) -> None:
     """Log already flattened params; values become strings as MLflow stores them."""
-    mlflow.log_params({key: str(value) for key, value in flat.items()})
+    from mlflow.entities import Param
+
+    _log_batch("params", [Param(key, str(value)) for key, value in flat.items()])
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     """Log metrics, optionally at a step (the epoch for training curves)."""
-    mlflow.log_metrics(metrics, step=step)
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    _log_batch("metrics", [Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
 
 
 def metric_name(keras_name: str) -> str:
@@ -229,26 +365,37 @@ def epoch_logger(first_step: int) -> Callable[[int, dict[str, float]], None]:
     epochs first, then fine-tune epochs, so one curve shows both and the last value is the
     final model's.
     """
-    return lambda epoch, logs: mlflow.log_metrics(_as_metrics(logs), step=first_step + epoch)
+    return lambda epoch, logs: log_metrics(_as_metrics(logs), step=first_step + epoch)
 
 
 def log_history(history: dict[str, list[float]], first_step: int) -> None:
-    """Log a reused stage's Keras history as if it had been streamed."""
-    for i in range(len(next(iter(history.values()), []))):
-        logs = {name: values[i] for name, values in history.items()}
-        mlflow.log_metrics(_as_metrics(logs), step=first_step + i)
+    """Log a reused stage's Keras history as if it had been streamed (in one request)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    _log_batch("metrics", [
+        Metric(metric_name(name), float(value), now, first_step + i)
+        for name, values in history.items()
+        for i, value in enumerate(values)
+    ])  # fmt: skip
 
 
 def set_tags(tags: dict[str, str]) -> None:
     """Tag the active run."""
-    mlflow.set_tags(tags)
+    from mlflow.entities import RunTag
+
+    _log_batch("tags", [RunTag(key, str(value)) for key, value in tags.items()])
 
 
 def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
     """Copy files into the run's artifact store."""
+    c, run_id = _active()
     for path in paths:
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        c.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
+
+# A unique-key clash as SQLite, PostgreSQL and MySQL word it.
+_DUPLICATE = re.compile(r"UNIQUE constraint failed|duplicate key|Duplicate entry", re.IGNORECASE)
 
 # MLflow's names for what a split is used for (its runs table shows them under Datasets).
 _CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
@@ -271,6 +418,23 @@ def log_datasets(name: str, origin: str, digests: dict[str, str]) -> None:
             source = resolve_dataset_source(str(Path(origin).resolve()))
     else:  # a generator, not a file
         source = CodeDatasetSource({"origin": origin})
-    for split, digest in digests.items():
-        dataset = MetaDataset(source, name=f"{name}-{split}", digest=digest)
-        mlflow.log_input(dataset, context=_CONTEXTS.get(split, split))
+    from mlflow.tracking.fluent import _create_dataset_input
+
+    inputs = [
+        _create_dataset_input(
+            MetaDataset(source, name=f"{name}-{split}", digest=digest), _CONTEXTS.get(split, split)
+        )
+        for split, digest in digests.items()
+    ]
+    c, run_id = _active()
+    for attempt in range(3):
+        try:
+            c.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as e:
+            # MLflow looks a dataset up, then inserts it: two jobs logging the same new data
+            # set at once collide on its unique key (seen with 2 sweeps on one SQLite store).
+            # The loser's retry finds the winner's row.
+            if attempt == 2 or not _DUPLICATE.search(str(e)):
+                raise
+            time.sleep(0.2 * (attempt + 1))

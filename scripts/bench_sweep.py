@@ -7,12 +7,15 @@ each flow in a fresh process (TensorFlow's import counted for both):
            prune and fine-tune, convert, evaluate one image per invoke (scripts/lab_flow.py)
   fallopt  python -m fallopt.run -m over the same grid, tracked in a fresh SQLite store
 
-Also fallopt's overhead: the sweep's wall time over the seconds its runs spent inside
-TensorFlow training, conversion and inference (each run logs them as `seconds_<phase>`).
+Also fallopt's overhead: the sweep's wall time (Python's and TensorFlow's start-up included)
+over the seconds its runs spent inside TensorFlow training, conversion and inference, and
+TFLM (each run logs them as `seconds_<phase>`); at this small size, and then, in the same
+run, for the same grid swept by fallopt at the default data size (96x96, 2,000 + 500 images,
+5 + 2 epochs).
 
 python scripts/bench_sweep.py [--sparsities 0.2,0.4,0.5,0.6,0.8]
     [--modes none,dynamic,float16,int8] [--image-size 48] [--n-train 800] [--n-test 200]
-    [--epochs 2] [--fine-tune-epochs 1]
+    [--epochs 2] [--fine-tune-epochs 1] [--default-grid SPARSITIES:MODES]
 Prints `name: value` lines last.
 """
 
@@ -39,8 +42,29 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--fine-tune-epochs", type=int, default=1)
+    parser.add_argument(
+        "--default-grid", default="0.2,0.4,0.5,0.6,0.8:none,dynamic,float16,int8",
+        help="SPARSITIES:MODES run by fallopt alone at the default data size for its overhead "
+        "there ('none' skips it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--default-size", default="96,2000,500,5,2",
+        help="IMAGE_SIZE,N_TRAIN,N_TEST,EPOCHS,FINE_TUNE_EPOCHS of that sweep: the defaults of "
+        "synthetic_falls, train and prune (smaller only to test this script)",
+    )  # fmt: skip
     parser.add_argument("--lab", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
+
+
+def default_size(args: argparse.Namespace) -> argparse.Namespace | None:
+    """The arguments of the default-size sweep (synthetic_falls' and train's defaults)."""
+    if args.default_grid == "none":
+        return None
+    sparsities, modes = args.default_grid.split(":")
+    image_size, n_train, n_test, epochs, fine_tune = map(int, args.default_size.split(","))
+    return argparse.Namespace(sparsities=sparsities, modes=modes, image_size=image_size,
+                              n_train=n_train, n_test=n_test, epochs=epochs,
+                              fine_tune_epochs=fine_tune)  # fmt: skip
 
 
 def dataset(args: argparse.Namespace):
@@ -80,7 +104,7 @@ def lab(args: argparse.Namespace) -> None:
 
 
 def fallopt_sweep(args: argparse.Namespace, tmp: Path) -> tuple[float, list]:
-    """Run the grid with fallopt into the store at `tmp`; returns its wall time and runs."""
+    """Run the grid with fallopt into a new store under `tmp`; returns its wall time and runs."""
     from mlflow.tracking import MlflowClient
 
     from fallopt.config import TrackingConfig
@@ -110,14 +134,35 @@ def fallopt_sweep(args: argparse.Namespace, tmp: Path) -> tuple[float, list]:
     return wall, [r for r in runs if "fallopt.config_hash" in r.data.tags]
 
 
+def overhead(wall: float, runs: list, label: str) -> float:
+    """Print where the sweep's time went; return its wall time over its TensorFlow seconds."""
+    spent = {
+        phase: sum(r.data.metrics[f"seconds_{phase}"] for r in runs)
+        for phase in ("train", "convert", "inference", "tflm")
+    }
+    in_runs = sum(r.data.metrics["seconds_run"] for r in runs)
+    tf_s = sum(spent.values())
+    print(
+        f"fallopt {label}: {wall:.1f} s; inside TensorFlow: "
+        + ", ".join(f"{phase} {s:.1f} s" for phase, s in spent.items())
+        + f"; inside its runs {in_runs:.1f} s; start-up, Hydra and the sweep record "
+        f"{wall - in_runs:.1f} s; overhead {wall / tf_s:.2f}"
+    )
+    return wall / tf_s
+
+
 def main() -> None:
     args = parse()
     if args.lab:
         lab(args)
         return
+    large = default_size(args)
+    figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["FALLOPT_CACHE"] = f"{tmp}/cache"  # no stage reused from earlier runs
         dataset(args)  # generated once, outside both timings
+        if large is not None:
+            dataset(large)
         n = len(args.sparsities.split(",")) * len(args.modes.split(","))
         print(f"grid: {n} combinations, {args.image_size}x{args.image_size}x3, "
               f"{args.n_train} + {args.n_test} images, {args.epochs} + {args.fine_tune_epochs} "
@@ -133,28 +178,28 @@ def main() -> None:
             sys.exit(f"the lab flow failed:\n{proc.stderr[-3000:]}")
         lab_accuracy = json.loads(proc.stdout.strip().splitlines()[-1])
 
-        fallopt_s, runs = fallopt_sweep(args, Path(tmp))
-    if len(runs) != n:
-        sys.exit(f"the fallopt sweep finished {len(runs)} runs of {n}")
-    spent = {
-        phase: sum(r.data.metrics[f"seconds_{phase}"] for r in runs)
-        for phase in ("train", "convert", "inference", "tflm")
-    }
-    in_runs = sum(r.data.metrics["seconds_run"] for r in runs)
-    tf_s = sum(spent.values())
-    accuracy = [r.data.metrics["tflite_test_accuracy"] for r in runs]
-    print(f"lab      {lab_s:6.1f} s, TFLite test accuracy {min(lab_accuracy.values()):.3f}"
-          f"..{max(lab_accuracy.values()):.3f}")  # fmt: skip
-    print(f"fallopt  {fallopt_s:6.1f} s, TFLite test accuracy {min(accuracy):.3f}"
-          f"..{max(accuracy):.3f}")  # fmt: skip
-    print(
-        "fallopt inside TensorFlow: "
-        + ", ".join(f"{phase} {s:.1f} s" for phase, s in spent.items())
-        + f"; inside its runs {in_runs:.1f} s; start-up, Hydra and the sweep record "
-        f"{fallopt_s - in_runs:.1f} s"
-    )
-    print(f"sweep_speedup_over_lab: {lab_s / fallopt_s:.2f}")
-    print(f"sweep_overhead: {fallopt_s / tf_s:.2f}")
+        fallopt_s, runs = fallopt_sweep(args, Path(tmp) / "small")
+        if len(runs) != n:
+            sys.exit(f"the fallopt sweep finished {len(runs)} runs of {n}")
+        accuracy = [r.data.metrics["tflite_test_accuracy"] for r in runs]
+        print(f"lab      {lab_s:6.1f} s, TFLite test accuracy {min(lab_accuracy.values()):.3f}"
+              f"..{max(lab_accuracy.values()):.3f}")  # fmt: skip
+        print(f"fallopt  {fallopt_s:6.1f} s, TFLite test accuracy {min(accuracy):.3f}"
+              f"..{max(accuracy):.3f}")  # fmt: skip
+        figures["sweep_speedup_over_lab"] = lab_s / fallopt_s
+        figures["sweep_overhead"] = overhead(fallopt_s, runs, "at this size")
+
+        if large is not None:
+            n = len(large.sparsities.split(",")) * len(large.modes.split(","))
+            print(f"default size: {n} combinations, {large.image_size}x{large.image_size}x3, "
+                  f"{large.n_train} + {large.n_test} images, {large.epochs} + "
+                  f"{large.fine_tune_epochs} epochs")  # fmt: skip
+            wall, runs = fallopt_sweep(large, Path(tmp) / "default")
+            if len(runs) != n:
+                sys.exit(f"the default-size sweep finished {len(runs)} runs of {n}")
+            figures["sweep_overhead_default_size"] = overhead(wall, runs, "at the default size")
+    for name, value in figures.items():
+        print(f"{name}: {value:.2f}")
 
 
 if __name__ == "__main__":

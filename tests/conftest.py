@@ -28,6 +28,7 @@ from fallopt.data import Split
 fallopt.config.register_configs()  # the schemas conf/ extends
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # local_cluster: the test and demo cluster pieces
 CONF = REPO / "fallopt" / "conf"
 SHARED = Path(os.environ.get("FALLOPT_SHARED", REPO.parent / "shared"))
 HDS_PICKLE = SHARED / "data" / "hds" / "hds_data.pickle"
@@ -222,6 +223,26 @@ def mlflow_service(command: list[str], log: Path) -> Iterator[str]:
         finally:
             server.terminate()
             server.wait(30)
+
+
+POSTGRES_ENV = "FALLOPT_TEST_POSTGRES"  # e.g. postgresql://fallopt:fallopt@127.0.0.1:5432/postgres
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """`mlflow server` on a fresh PostgreSQL database, artifacts served; yields its URI."""
+    import local_cluster
+
+    admin = os.environ.get(POSTGRES_ENV)
+    if not admin:
+        if os.environ.get("CI"):
+            pytest.fail(f"{POSTGRES_ENV} is not set: .ci/run starts PostgreSQL and sets it")
+        pytest.skip(f"set {POSTGRES_ENV} to a PostgreSQL admin URI (see README, Scaling up)")
+    with (
+        local_cluster.postgres_database(admin) as backend,
+        local_cluster.mlflow_server(backend, tmp_path / "server") as uri,
+    ):
+        yield uri
 
 
 # A prune x quant grid: 4 jobs sharing 1 baseline and 2 pruned models.

@@ -64,6 +64,15 @@ def test_sweep_runs_both_flows_over_the_grid():
     figures = _figures(
         "bench_sweep.py", "--sparsities", "0.5", "--modes", "none,dynamic", "--image-size", "48",
         "--n-train", "60", "--n-test", "20", "--epochs", "1", "--fine-tune-epochs", "1",
+        "--default-grid", "0.5:none", "--default-size", "48,60,20,1,1",
     )  # fmt: skip
     assert figures["sweep_speedup_over_lab"] > 0
     assert figures["sweep_overhead"] > 1  # wall time includes the time inside TensorFlow
+    assert figures["sweep_overhead_default_size"] > 1
+
+
+@pytest.mark.slow
+def test_tracking_at_scale_times_a_jobs_mlflow_work_against_a_full_experiment():
+    figures = _figures("bench_tracking.py", "--runs", "20", "--jobs", "2")
+    assert 0 < figures["tracking_sqlite_job_seconds_0"] < 5
+    assert figures["tracking_sqlite_ratio_20_over_0"] > 0

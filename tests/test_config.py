@@ -9,8 +9,9 @@ import time
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
 
-from fallopt.config import ConfigError, FalloptConfig, flatten, validate
+from fallopt.config import ConfigError, FalloptConfig, as_dict, flatten, validate
 from fallopt.data.cauca import CaucaConfig
 from fallopt.data.hds import HdsConfig
 from fallopt.data.synthetic_falls import SyntheticFallsConfig
@@ -76,7 +77,9 @@ def test_every_option_in_conf_composes_and_validates(option):
         cfg = compose("config", [option, *NEEDS.get(option, [])], return_hydra_config=True)
     with open_dict(cfg):
         del cfg["hydra"]
-    validate(cfg)
+    typed = validate(cfg)
+    # What every run logs as its params and config.yaml: the same as OmegaConf makes it.
+    assert as_dict(typed) == OmegaConf.to_container(OmegaConf.structured(typed), enum_to_str=True)
 
 
 def test_user_keys_are_overridable(compose_cfg):

@@ -114,9 +114,9 @@ def _store(tmp_path: Path) -> tuple[MlflowClient, list]:
 @pytest.mark.parametrize(
     "stage",
     [
-        ("mlflow:log_metrics", "train_accuracy"),  # inside model.fit, after the first epoch
+        ("fallopt.track:log_metrics", "train_accuracy"),  # in model.fit, after the 1st epoch
         ("fallopt.task:convert", ""),  # the converter returned; model.tflite not yet written
-        ("mlflow:log_artifact", "model.tflite"),  # model.tflite uploaded, the rest not yet
+        ("fallopt.track:log_artifacts", "model.tflite"),  # model.tflite uploaded, not the rest
     ],
     ids=["training", "conversion", "upload"],
 )
@@ -144,7 +144,7 @@ def test_a_kill_at_a_chosen_stage_resumes_to_one_complete_run(tmp_path, stage, s
     # Ctrl-C ends the run itself; a SIGKILLed writer cannot, so its run waits for the reaper.
     assert killed.info.status == ("KILLED" if sig == signal.SIGINT else "RUNNING")
     uploaded = {a.path for a in client.list_artifacts(killed.info.run_id)}
-    assert ("model.tflite" in uploaded) == (stage[0] == "mlflow:log_artifact")  # where it landed
+    assert ("model.tflite" in uploaded) == (stage[0] == "fallopt.track:log_artifacts")
     assert "deploy" not in uploaded and "model" not in uploaded
 
     resumed = fallopt_cli(*args, env=env)

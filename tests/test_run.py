@@ -220,7 +220,7 @@ def test_a_full_disk_while_logging_fails_the_run_and_leaves_earlier_runs_untouch
 
     *_, client, earlier = _run(compose_cfg, tmp_path / "a", tracking_uri, *TINY)
     earlier_tflite = _artifact_bytes(client, earlier.info.run_id, "model.tflite", tmp_path / "1")
-    monkeypatch.setattr(fallopt.track.mlflow, "log_artifact", full)
+    monkeypatch.setattr(fallopt.track.MlflowClient, "log_artifact", full)
     with pytest.raises(OSError, match="No space left"):
         _run(compose_cfg, tmp_path / "b", tracking_uri, *TINY, "prune.sparsity=0.3")
     runs = client.search_runs([client.get_experiment_by_name("fallopt").experiment_id])

@@ -8,31 +8,33 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
 
 from fallopt.cache import StageCache
 from fallopt.config import TrackingConfig
 from fallopt.pareto import pareto_mask
+from fallopt.protocol import job_outcomes
 from fallopt.stage_store import MlflowStageStore
 from fallopt.sweep import sweep_size
 
-from .conftest import CONF, GRID, front_by_hand, mlflow_service, multirun
+from .conftest import CONF, GRID, REPO, TINY, front_by_hand, multirun
+from .test_stage_store import check_one_builder
 from .test_sweep import check_grid
 
 
-@pytest.mark.slow
-def test_the_ray_launcher_runs_the_grid_with_one_baseline_and_resumes(tmp_path):
-    ray = ["hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2"]
-    sweep = multirun(tmp_path, *GRID, *ray)
+@pytest.mark.slow  # resuming on Ray: test_ray_cluster.py
+def test_the_ray_launcher_runs_the_grid_on_a_local_instance_with_one_baseline(tmp_path):
+    sweep = multirun(tmp_path, *GRID, "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2")
     check_grid(sweep)
-    again = multirun(tmp_path, *GRID, *ray, name="again")
-    assert again.children == []
-    assert "[sweep] 0 finished, 4 reused (already FINISHED), 0 failed" in again.output
+    assert "on a local Ray instance" in sweep.output
+    assert {r.data.tags["fallopt.ray_node"] for r in sweep.children} != {""}
 
 
 @pytest.mark.slow
@@ -96,50 +98,75 @@ def test_stages_are_shared_through_mlflow_between_machines_without_a_common_disk
     assert there.status("baseline", "k1") == "cached"
 
 
-# --- a shared tracking server on PostgreSQL --------------------------------------------------
-
-POSTGRES_ENV = "FALLOPT_TEST_POSTGRES"  # e.g. postgresql://fallopt:fallopt@127.0.0.1:5432/postgres
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` on loopback backed by a fresh PostgreSQL database; yields its URI."""
-    admin = os.environ.get(POSTGRES_ENV)
-    if not admin:
-        if os.environ.get("CI"):
-            pytest.fail(f"{POSTGRES_ENV} is not set: .ci/run starts PostgreSQL and sets it")
-        pytest.skip(f"set {POSTGRES_ENV} to a PostgreSQL admin URI (see README, Scaling up)")
-    import psycopg
-
-    name = f"fallopt_test_{uuid.uuid4().hex[:8]}"
-    conn = psycopg.connect(admin, autocommit=True)
-    conn.execute(f"CREATE DATABASE {name}")
-    backend = f"{admin.rsplit('/', 1)[0]}/{name}"
-    command = ["server", "--backend-store-uri", backend, "--workers", "1",
-               "--artifacts-destination", str(tmp_path / "server-artifacts")]  # fmt: skip
-    try:
-        with mlflow_service(command, tmp_path / "server.log") as uri:
-            yield uri
-    finally:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.close()
+# --- a shared tracking server on PostgreSQL (conftest.mlflow_server) --------------------------
 
 
 @pytest.mark.slow
-def test_a_sweep_against_an_mlflow_server_on_postgresql_reads_back(tmp_path, mlflow_server):
-    sweep = multirun(tmp_path, "tracking=server", "prune.sparsity=0.5,0.8", uri=mlflow_server)
-    assert sweep.parent.info.status == "FINISHED"
-    assert len(sweep.children) == 2 and {r.info.status for r in sweep.children} == {"FINISHED"}
-    achieved = sorted(r.data.metrics["sparsity_achieved"] for r in sweep.children)
-    assert achieved == pytest.approx([0.5, 0.8], abs=0.01)
+def test_four_workers_at_once_against_an_mlflow_server_on_postgresql(tmp_path, mlflow_server):
+    """4 parallel jobs write the parent's records, the stage store and resume at once."""
+    four = [*GRID, "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "tracking=server"]
+    sweep = multirun(tmp_path, *four, uri=mlflow_server)
+    check_grid(sweep)  # 4 FINISHED under one parent; 1 baseline and 2 pruned models trained
+    records = job_outcomes(sweep.client, sweep.parent.info.run_id)
+    assert sorted(records) == [0, 1, 2, 3]
+    assert {r["run_id"] for r in records.values()} == {r.info.run_id for r in sweep.children}
     # Artifacts went through the server: download one and check it is a LiteRT model.
     run_id = sweep.children[0].info.run_id
     local = sweep.client.download_artifacts(run_id, "model.tflite", str(tmp_path / "dl"))
     assert Path(local).read_bytes()[4:8] == b"TFL3"
-    # The stages were published to the server, so another machine would reuse them.
+    # The stages were published to the server once each, so another machine reuses them.
     stages = sweep.client.get_experiment_by_name("fallopt.stages")
-    assert len(sweep.client.search_runs([stages.experiment_id])) == 3  # 1 baseline, 2 pruned
-    shutil.rmtree(tmp_path / "cache")
-    again = multirun(tmp_path, "tracking=server", "prune.sparsity=0.5,0.8", "force=true",
-                     uri=mlflow_server, name="again")  # fmt: skip
-    assert {r.data.tags["fallopt.stage.baseline"] for r in again.children} == {"reused"}
+    published = sweep.client.search_runs([stages.experiment_id])
+    assert sorted(r.info.status for r in published) == ["FINISHED"] * 3  # 1 baseline, 2 pruned
+    again = multirun(tmp_path, *four, uri=mlflow_server, name="again")
+    assert again.children == [] and "0 finished, 4 reused" in again.output
+    shutil.rmtree(tmp_path / "cache")  # another machine: nothing on its disk
+    again = multirun(tmp_path, *four, "force=true", uri=mlflow_server, name="forced")
+    assert {r.data.tags["fallopt.baseline_from"] for r in again.children} <= {"store", "cache"}
+    assert "store" in {r.data.tags["fallopt.baseline_from"] for r in again.children}
+    # 4 machines at once, each its own disk, building one stage: one builds, 3 fetch.
+    check_one_builder(tmp_path / "machines", mlflow_server)
+
+
+@pytest.mark.slow
+def test_a_tracking_server_gone_mid_sweep_stops_it_with_one_line_and_resume_redoes_the_rest(
+    tmp_path,
+):
+    """The server dies while job 2 of 3 runs; back at the same address, the sweep resumes."""
+    import local_cluster
+
+    backend, port = f"sqlite:///{tmp_path}/server.db", local_cluster.free_port()
+    grid = ["prune.sparsity=0.3,0.5,0.8", "tracking=server", *TINY]
+    with local_cluster.mlflow_server(backend, tmp_path / "server", port=port) as uri:
+        sweep = subprocess.Popen(
+            [sys.executable, "-m", "fallopt.run", "-m", *grid, f"tracking.uri={uri}",
+             f"hydra.sweep.dir={tmp_path}/sweep"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "FALLOPT_CACHE": str(tmp_path / "cache")},
+        )  # fmt: skip
+        lines = []
+        for line in sweep.stdout:
+            lines.append(line)
+            if "[job 2/3]" in line:
+                break  # job 2 has started: the server goes away under it
+    lines += sweep.stdout.readlines()
+    output = "".join(lines)
+    assert sweep.wait(timeout=300) == 2, output[-4000:]
+    assert "no tracking server answers" in output and "[sweep] no summary" in output
+    with local_cluster.mlflow_server(backend, tmp_path / "server", port=port) as uri:
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("fallopt").experiment_id
+        before = {r.info.run_id: r.info.status for r in client.search_runs([experiment])}
+        assert "FINISHED" in before.values()  # job 1 ended before the server went
+        assert set(before.values()) <= {"FINISHED", "RUNNING", "FAILED"}
+        again = multirun(tmp_path, *grid[:2], uri=uri, name="again")
+        assert again.parent.info.status == "FINISHED"
+        runs = again.runs()
+        by_sparsity = {}
+        for run in runs:
+            by_sparsity.setdefault(run.data.params["prune.sparsity"], []).append(run)
+        # Each combination FINISHED exactly once; what the dead server left RUNNING is KILLED.
+        for sparsity, tried in by_sparsity.items():
+            assert [r.info.status for r in tried].count("FINISHED") == 1, sparsity
+        assert {r.info.status for r in runs if r.info.status != "FINISHED"} <= {"KILLED", "FAILED"}
+        assert "2 finished, 1 reused" in again.output

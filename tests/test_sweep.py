@@ -63,6 +63,8 @@ def check_grid(sweep: Sweep) -> None:
     assert sorted(t["fallopt.stage.prune"] for t in tags).count("trained") == 2
     assert sorted(t["fallopt.stage.quant"] for t in tags) == ["dynamic", "dynamic", "int8", "int8"]
     assert "database is locked" not in sweep.output
+    for run in children:  # a sweep's jobs write no C++ bundle unless asked (deploy=true)
+        assert "deploy" not in {a.path for a in sweep.client.list_artifacts(run.info.run_id)}
 
 
 @pytest.mark.slow  # the joblib grid sweep: 50 s (the sparsity sweep above runs in-suite)

@@ -282,18 +282,6 @@ def test_the_lab_cnn_on_default_data_logs_a_minimal_arena(compose_cfg, tmp_path,
 
 
 @needs_tflm
-@pytest.mark.slow  # the default data set at full size, trained: about 3 minutes
-def test_tflm_agrees_with_litert_on_the_trained_default_model(compose_cfg, tmp_path, tracking_uri):
-    cfg = compose_cfg("prune=none", "quant=int8", "target.tflm_samples=500",
-                      f"tracking.uri={tracking_uri}")  # fmt: skip
-    typed = validate(cfg)
-    metrics = run_experiment(typed, config_hash(typed), tmp_path / "out")
-    assert metrics["tflm_samples_used"] == 500  # the whole test split
-    assert metrics["tflm_agreement"] >= 0.99
-    assert metrics["tflm_test_accuracy"] == pytest.approx(metrics["tflite_test_accuracy"], abs=0.01)
-
-
-@needs_tflm
 @pytest.mark.slow  # nine runs from the command line, then the report: about 2 minutes
 def test_the_fit_experiment_then_the_report_pick_the_best_run_that_fits(tmp_path):
     from fallopt.report.__main__ import main as report

@@ -55,7 +55,9 @@ def test_an_experiment_name_cannot_put_stage_artifacts_outside_the_store(tmp_pat
     entry = tmp_path / "entry"
     entry.mkdir()
     (entry / "meta.json").write_text("{}")
-    MlflowStageStore(tracking).publish("baseline-x", entry)
+    claim = MlflowStageStore(tracking).claim("baseline-x")
+    assert not isinstance(claim, str)
+    claim.publish(entry)
 
     written = [p for p in tmp_path.rglob("meta.json") if p.parent != entry]
     assert written and all(store in p.parents for p in written)

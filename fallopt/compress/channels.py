@@ -45,7 +45,7 @@ from fallopt.config import PruneConfig, TrainConfig
 from fallopt.data import UNIT, InputRule, Split
 from fallopt.errors import ConfigError
 from fallopt.models import FIXED_PREFIX
-from fallopt.size import save_model
+from fallopt.size import load_saved, save_model
 from fallopt.train import EpochHook, batches, fit
 
 if TYPE_CHECKING:
@@ -784,7 +784,7 @@ def prune_channels(
         thinner, train, val, train_cfg, prune.fine_tune_epochs, seed, on_epoch_end, rule=rule
     )
     save_model(thinner, out_file)
-    reloaded = k.models.load_model(out_file, compile=False)
+    reloaded = load_saved(out_file)
     check_same_predictions(thinner, reloaded, val, rule, f"the thin model saved to {out_file}")
 
     total = sum(r["channels_before"] for r in rows)

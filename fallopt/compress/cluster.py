@@ -41,8 +41,9 @@ from fallopt.compress.prune import (
 from fallopt.config import ClusterConfig, TrainConfig
 from fallopt.data import UNIT, InputRule, Split
 from fallopt.errors import ConfigError, FalloptError
-from fallopt.size import save_model
+from fallopt.size import load_saved, save_model
 from fallopt.tflite_graph import KERAS_WEIGHT_OP_STEMS, WEIGHT_OPS, Graph
+from fallopt.timing import timed
 from fallopt.train import EpochHook, fit
 
 if TYPE_CHECKING:
@@ -133,6 +134,7 @@ def _centroid_init(name: str):  # noqa: ANN202 (tfmot has no type stubs)
     return inits[_TFMOT_INITS.get(name, name.upper())]  # a string is refused by tfmot
 
 
+@timed("train")  # tfmot's part of the clustering fine-tune
 def wrap_for_clustering(
     model: tf_keras.Model, layer_names: list[str], cfg: ClusterConfig
 ) -> tf_keras.Model:
@@ -329,11 +331,11 @@ def cluster_and_fine_tune(
             history = fit(
                 wrapped, train, val, train_cfg, cfg.fine_tune_epochs, seed, on_epoch_end, rule=rule
             )
-        stripped = tfmot.clustering.keras.strip_clustering(wrapped)
+        stripped = timed("train")(tfmot.clustering.keras.strip_clustering)(wrapped)
         layers = measure_clusters(before, stripped, cfg)
         check_clusters(layers, cfg)
         save_model(stripped, out_file)
-        reloaded = k.models.load_model(out_file, compile=False)
+        reloaded = load_saved(out_file)
         check_same_predictions(
             wrapped, reloaded, val, rule, f"the clustered model saved to {out_file}"
         )

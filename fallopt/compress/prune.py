@@ -33,7 +33,8 @@ from fallopt.config import PruneConfig, PruneMethod, TrainConfig
 from fallopt.data import UNIT, InputRule, Split
 from fallopt.errors import ConfigError, FalloptError
 from fallopt.models import FIXED_PREFIX
-from fallopt.size import save_model
+from fallopt.size import load_saved, save_model
+from fallopt.timing import timed
 from fallopt.train import EpochHook, batches, fit
 
 if TYPE_CHECKING:
@@ -298,6 +299,7 @@ def _tfmot_schedule(schedule: Schedule):  # noqa: ANN202 (tfmot has no type stub
     )
 
 
+@timed("train")  # tfmot's part of the pruning fine-tune, as in the lab's flow
 def wrap_for_pruning(
     model: tf_keras.Model,
     targets: dict[str, float],
@@ -458,18 +460,27 @@ def prune_and_fine_tune(
         [tfmot.sparsity.keras.UpdatePruningStep()],
         rule,
     )
-    stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
+    stripped = strip(wrapped)
     layers = measure_sparsity(stripped, targets)
     check_sparsity(layers)
     if prune.m_by_n:
         check_structure(stripped, list(targets), prune.m_by_n)
 
     save_model(stripped, out_file)
-    reloaded = k.models.load_model(out_file, compile=False)
+    reloaded = load_saved(out_file)
     check_same_predictions(wrapped, reloaded, val, rule, f"the stripped model saved to {out_file}")
     return PruneResult(reloaded, history, layers)
 
 
+@timed("train")  # tfmot's part of the pruning fine-tune, as in the lab's flow
+def strip(wrapped: tf_keras.Model) -> tf_keras.Model:
+    """The fine-tuned model without tfmot's pruning wrappers."""
+    import tensorflow_model_optimization as tfmot
+
+    return tfmot.sparsity.keras.strip_pruning(wrapped)
+
+
+@timed("inference")
 def check_same_predictions(
     expected: tf_keras.Model, actual: tf_keras.Model, split: Split, rule: InputRule, what: str
 ) -> None:

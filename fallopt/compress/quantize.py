@@ -145,15 +145,20 @@ def quantization_aware_fine_tune(
     from the weights), pcqat both. Their input is the stripped model of the previous stage.
     Returns the quantization-aware model and the fine-tune's per-epoch history.
     """
-    import tensorflow_model_optimization as tfmot
-
-    qkeras = tfmot.quantization.keras
     # tfmot refuses a model nested in another ("not supported"): QAT wraps the flat copy.
     model = flatten_model(keras().models.load_model(model_file, compile=False))
     check_quantizable(model, mode)
-    aware = qkeras.quantize_apply(qkeras.quantize_annotate_model(model), _aware_scheme(mode))
+    aware = _wrap_for_qat(model, mode)
     history = fit(aware, train, val, train_cfg, epochs, seed, on_epoch_end, rule=rule)
     return aware, history
+
+
+@timed("train")  # tfmot's part of the quantization-aware fine-tune
+def _wrap_for_qat(model: tf_keras.Model, mode: QuantMode) -> tf_keras.Model:
+    import tensorflow_model_optimization as tfmot
+
+    qkeras = tfmot.quantization.keras
+    return qkeras.quantize_apply(qkeras.quantize_annotate_model(model), _aware_scheme(mode))
 
 
 @timed("convert")

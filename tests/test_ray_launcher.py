@@ -1,0 +1,125 @@
+"""fallopt's Hydra plugins without a cluster (their work is in fallopt.launching): the Ray
+launcher's checks and its record of a lost job, and the sweeper that composes each job once.
+The cluster itself is test_ray_cluster.py (slow)."""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import time
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from fallopt import track
+from fallopt.config import TrackingConfig
+from fallopt.launching import (
+    LOCAL_OBJECT_STORE_BYTES,
+    ComposeOnce,
+    RayHeadError,
+    check_head,
+    init_options,
+    record_lost,
+)
+from fallopt.protocol import PARENT_ENV, TOTAL_ENV, job_outcomes
+
+from .conftest import CONF, fallopt_cli
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once it is closed
+
+
+def test_a_head_that_does_not_answer_is_named_with_the_fix_in_seconds():
+    port = _closed_port()
+    start = time.monotonic()
+    with pytest.raises(RayHeadError) as error:
+        check_head(f"127.0.0.1:{port}")
+    assert time.monotonic() - start < 6
+    message = str(error.value)
+    assert f"hydra.launcher.ray.init.address=127.0.0.1:{port}" in message
+    assert "no Ray head answers" in message and f"ray start --head --port={port}" in message
+    with pytest.raises(RayHeadError, match="Start a head node"):
+        check_head("auto")  # and no cluster on this machine
+    assert check_head(None) is None  # a local instance: nothing to reach
+
+
+def test_keys_ray_refuses_when_joining_a_cluster_are_dropped_with_a_warning(caplog):
+    init = {"address": "10.0.0.1:6379", "num_cpus": 2, "object_store_memory": 10**8}
+    with caplog.at_level("WARNING"):
+        options = init_options(init, connecting=True)
+    assert options == {"address": "10.0.0.1:6379"}
+    assert "hydra.launcher.ray.init.num_cpus" in caplog.text
+    assert "hydra.launcher.ray.init.object_store_memory" in caplog.text
+    local = init_options({"address": None, "num_cpus": 2}, connecting=False)
+    assert local["object_store_memory"] == LOCAL_OBJECT_STORE_BYTES and local["num_cpus"] == 2
+
+
+def test_an_unreachable_head_fails_the_sweep_before_anything_is_opened(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    port = _closed_port()
+    proc = fallopt_cli(
+        "-m", "hydra/launcher=ray", f"hydra.launcher.ray.init.address=127.0.0.1:{port}",
+        "prune.sparsity=0.5,0.8", f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/sweep",
+        timeout=120,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "no Ray head answers at" in output and "Traceback" not in output
+    assert not (tmp_path / "mlruns").exists()  # no store, no parent run, nothing to clean
+
+
+def test_a_job_lost_with_its_node_is_recorded_failed_and_its_run_killed(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    tracking = TrackingConfig(uri=uri)
+    experiment = track.connect(tracking)
+    client = MlflowClient(uri)
+    parent = client.create_run(experiment, tags={"fallopt.role": "sweep"}).info.run_id
+    overrides = ["prune.sparsity=0.8", "quant=int8", f"tracking.uri={uri}"]
+    orphan = client.create_run(
+        experiment, run_name="prune.sparsity=0.8 quant=int8",
+        tags={"mlflow.parentRunId": parent, "fallopt.host": "gpu-7", "fallopt.pid": "1"},
+    ).info.run_id  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        config = compose("config", overrides, return_hydra_config=True)
+    monkeypatch.setenv(PARENT_ENV, parent)
+    monkeypatch.setenv(TOTAL_ENV, "8")
+    record_lost(config, 7, overrides, RuntimeError("node 1f2e died\nmore"))
+    record = job_outcomes(client, parent)[7]
+    assert record["outcome"] == "failed" and record["run_id"] is None
+    assert record["error"] == "lost on Ray: RuntimeError: node 1f2e died"
+    assert record["overrides"] == "prune.sparsity=0.8 quant=int8"
+    orphan = client.get_run(orphan)
+    assert orphan.info.status == "KILLED"
+    assert orphan.data.tags["fallopt.error"].startswith("lost on Ray")
+
+
+class _CountingLoader:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.name = "loader"
+
+    def load_sweep_config(self, master_config, sweep_overrides):
+        self.calls += 1
+        return OmegaConf.create({"job": list(sweep_overrides), "n": self.calls})
+
+
+def test_the_sweeper_composes_each_job_once_and_ships_no_configs_to_workers():
+    loader = _CountingLoader()
+    once = ComposeOnce(loader)
+    master = OmegaConf.create({})
+    jobs = [["seed=1"], ["seed=2"]]
+    checked = [once.load_sweep_config(master, job) for job in jobs]  # the batch check
+    launched = [once.load_sweep_config(master, job) for job in jobs]  # the launch
+    assert loader.calls == 2
+    assert [c.n for c in launched] == [1, 2] and checked == launched
+    assert checked[0] is not launched[0]  # the checker's copy is its own
+    assert once.name == "loader"  # the rest is the wrapped loader's
+    assert once.load_sweep_config(master, ["seed=1"]).n == 3  # asked a third time: composed
+    once.load_sweep_config(master, ["seed=9"])  # kept for a launch that has not come
+    shipped = pickle.loads(pickle.dumps(once))
+    assert shipped._composed == {} and shipped.name == "loader"

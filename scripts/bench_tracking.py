@@ -6,10 +6,12 @@ resume lookup, reaping dead writers, finding the sweep's parent by its tag, open
 store, then the run itself (params, dataset inputs, epoch curves, tags, artifacts of a
 run's usual sizes, final metrics), the outcome record on the parent and the progress line.
 
-Both cases are measured side by side in one run, in the same store: first with an empty
-experiment (the sweep's parent holds no job records), then after adding `--runs` FINISHED
-runs shaped like fallopt's (each with the params of a real config, 90 metrics and 20 tags,
-children of that parent, which then holds their job records), 50 published stages besides.
+Both cases are measured side by side in one run, in the same store, after 5 jobs that warm
+it up (a new server's first requests took seconds): first with a new experiment (it then
+holds only the runs of those jobs and of the case itself, 15 at most), then after adding
+`--runs` FINISHED runs shaped like fallopt's (each with the params of a real config, 90
+metrics and 20 tags, children of the sweep's parent, which then holds their job records),
+and 50 published stages.
 
 python scripts/bench_tracking.py [--runs 500] [--jobs 10] [--postgres ADMIN_URI]
   --postgres: also measure an `mlflow server` on a fresh PostgreSQL database (as a cluster
@@ -26,7 +28,6 @@ import sys
 import tempfile
 import time
 import uuid
-from contextlib import ExitStack
 from pathlib import Path
 
 import local_cluster
@@ -40,6 +41,7 @@ from fallopt.protocol import JOB_TAG, PARENT_ENV, SWEEP_DIR_TAG, record_json  # 
 from fallopt.stage_store import STAGE_TAG, stage_cache  # noqa: E402
 
 SWEEP_DIR = "multirun/bench"
+WARM_UP = 5  # jobs run, not timed, before the first case
 EPOCHS = 7  # 5 baseline + 2 fine-tune epochs, as a default run logs them
 ARTIFACTS = {  # a default run's small and large files
     "config.yaml": 3_000, "sparsity_per_layer.csv": 300, "model.tflite": 350_000,
@@ -129,12 +131,29 @@ def measure(tracking: TrackingConfig, args: argparse.Namespace, files: list[Path
     tags = {"fallopt.role": "sweep", SWEEP_DIR_TAG: SWEEP_DIR, **track.owner_tags()}
     parent = track.client(tracking.uri).create_run(experiment_id, tags=tags).info.run_id
     os.environ.pop(PARENT_ENV, None)
+    for i in range(WARM_UP):  # first requests warm up the client and a new server's workers
+        one_job(tracking, 80_000 + i, files, params)
     empty = [one_job(tracking, 90_000 + i, files, params) for i in range(args.jobs)]
     start = time.perf_counter()
     populate(tracking, parent, args.runs, params)
     print(f"  {args.runs} runs added in {time.perf_counter() - start:.0f} s", flush=True)
     full = [one_job(tracking, 95_000 + i, files, params) for i in range(args.jobs)]
+    print(f"  jobs with 0 runs: {' '.join(f'{t:.3f}' for t in empty)}")
+    print(f"  jobs with {args.runs} runs: {' '.join(f'{t:.3f}' for t in full)}")
     return statistics.median(empty), statistics.median(full)
+
+
+def measure_store(
+    kind: str, uri: str, args: argparse.Namespace, files: list[Path], figures: dict[str, float]
+) -> None:
+    """Measure one store; its figures go into `figures`."""
+    print(f"{kind} ({uri}):", flush=True)
+    empty, full = measure(TrackingConfig(uri=uri, share_stages=True), args, files)
+    print(f"  a job's MLflow work: {empty:.3f} s with 0 runs, {full:.3f} s with {args.runs} "
+          f"(median of {args.jobs} jobs each)")  # fmt: skip
+    figures[f"tracking_{kind}_job_seconds_0"] = empty
+    figures[f"tracking_{kind}_job_seconds_{args.runs}"] = full
+    figures[f"tracking_{kind}_ratio_{args.runs}_over_0"] = full / empty
 
 
 def main() -> None:
@@ -147,22 +166,14 @@ def main() -> None:
             path = tmp / name
             path.write_bytes(os.urandom(size))
             files.append(path)
-        stores = {"sqlite": f"sqlite:///{tmp}/mlruns/mlflow.db"}
-        figures = {}
-        with ExitStack() as stack:
-            if args.postgres:
-                backend = stack.enter_context(local_cluster.postgres_database(args.postgres))
-                server = local_cluster.mlflow_server(backend, tmp / "server")
-                stores["server"] = stack.enter_context(server)
-            for kind, uri in stores.items():
-                tracking = TrackingConfig(uri=uri, share_stages=True)
-                print(f"{kind} ({uri}):", flush=True)
-                empty, full = measure(tracking, args, files)
-                print(f"  a job's MLflow work: {empty:.3f} s with 0 runs, {full:.3f} s with "
-                      f"{args.runs} (median of {args.jobs} jobs each)")  # fmt: skip
-                figures[f"tracking_{kind}_job_seconds_0"] = empty
-                figures[f"tracking_{kind}_job_seconds_{args.runs}"] = full
-                figures[f"tracking_{kind}_ratio_{args.runs}_over_0"] = full / empty
+        figures: dict[str, float] = {}
+        measure_store("sqlite", f"sqlite:///{tmp}/mlruns/mlflow.db", args, files, figures)
+        if args.postgres:  # started only now: its start-up would load the machine meanwhile
+            with (
+                local_cluster.postgres_database(args.postgres) as backend,
+                local_cluster.mlflow_server(backend, tmp / "server") as uri,
+            ):
+                measure_store("server", uri, args, files, figures)
     for name, value in figures.items():
         print(f"{name}: {value:.3f}")
 

@@ -119,6 +119,10 @@ class RemoteStore(Protocol):
         """Claim the building of `name`; or, if a live worker builds it, who that is."""
         ...
 
+    def discard(self, name: str) -> None:
+        """Retire the entry last fetched as `name` (its files failed their checksums)."""
+        ...
+
     def has(self, name: str) -> bool:
         """Whether the store holds a complete entry `name`."""
         ...
@@ -222,8 +226,9 @@ class StageCache:
                     log.info("[cache] %s fetched from the shared store, %d files checked "
                              "against their checksums", name, len(entry.meta["files"]))  # fmt: skip
                     return entry, None
-                log.warning("[cache] %s in the shared store fails its checksums: building it "
-                            "anew, unless another worker already does", name)  # fmt: skip
+                log.warning("[cache] %s in the shared store fails its checksums: retired, and "
+                            "built anew unless another worker already does", name)  # fmt: skip
+                self.remote.discard(name)
                 shutil.rmtree(tmp)
                 tmp.mkdir()
             claim = self.remote.claim(name)

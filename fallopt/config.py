@@ -750,6 +750,7 @@ def as_dict(cfg: FalloptConfig) -> dict[str, Any]:
 
 
 def _plain(node: Any) -> Any:
+    """A config node as plain containers, enums by name (see `as_dict`)."""
     if dataclasses.is_dataclass(node):
         return {f.name: _plain(getattr(node, f.name)) for f in dataclasses.fields(node)}
     if isinstance(node, Enum):

@@ -23,7 +23,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fallopt import track
@@ -151,7 +150,7 @@ def record(parent: str | None, job: Job, outcome: str, run_id: str | None, error
         return
     value = {"outcome": outcome, "run_id": run_id, "overrides": job.overrides, "error": error}
     try:
-        MlflowClient().set_tag(parent, f"{JOB_TAG}{job.num:05d}", record_json(value))
+        track.current_client().set_tag(parent, f"{JOB_TAG}{job.num:05d}", record_json(value))
     except MlflowException as e:
         log.warning(
             "[%s] cannot record the outcome (%s) on the sweep's parent run %s: %s",
@@ -164,7 +163,7 @@ def _progress(parent: str | None, job: Job, seconds: float) -> None:
         log.info("[%s] done in %.0f s", job.label, seconds)
         return
     try:
-        done = len(job_outcomes(MlflowClient(), parent))
+        done = len(job_outcomes(track.current_client(), parent))
     except MlflowException as e:  # a progress line is not worth failing a finished job
         log.info("[%s] done in %.0f s (progress unknown: %s)", job.label, seconds, e.message)
         return
@@ -210,6 +209,10 @@ def invalid_job(hydra_cfg: DictConfig, error: FalloptError) -> None:
     return _go_on(job, keep_going, error)
 
 
+def _artifacts(run_id: str) -> list:
+    return track.current_client().list_artifacts(run_id)
+
+
 def run_job(cfg: FalloptConfig, hydra_cfg: DictConfig) -> float | list[float] | None:
     """Run one job: skip it if done, plan it if dry, else run the experiment and record it."""
     job = current_job()
@@ -228,6 +231,11 @@ def run_job(cfg: FalloptConfig, hydra_cfg: DictConfig) -> float | list[float] | 
             "[%s] %s: already FINISHED in run %s (config hash %s); skipped (force=true reruns)",
             job.label, job.overrides or "defaults", done.info.run_id, digest,
         )  # fmt: skip
+        if cfg.deploy and "deploy" not in {a.path for a in _artifacts(done.info.run_id)}:
+            log.warning(
+                "[%s] deploy=true, but run %s has no deploy/ bundle and is not run again: add "
+                "force=true (its stages come from the cache)", job.label, done.info.run_id,
+            )  # fmt: skip
         record(parent, job, "reused", done.info.run_id)
         return objectives(cfg.objectives, done.data.metrics)
     log.info("[%s] %s", job.label, job.overrides or "defaults")
@@ -246,7 +254,8 @@ def run_job(cfg: FalloptConfig, hydra_cfg: DictConfig) -> float | list[float] | 
         record(parent, job, "failed", failed, f"{type(e).__name__}: {e}")
         return _go_on(job, cfg.keep_going, e)
     run_id = track.last_run_id()
-    assert run_id is not None and run_id != before
+    if run_id is None or run_id == before:
+        raise RuntimeError("run_experiment returned without opening a run")
     track.client(cfg.tracking.uri).set_tag(run_id, "fallopt.threads", str(threads))
     record(parent, job, "finished", run_id)
     _progress(parent, job, time.time() - start)

@@ -19,10 +19,10 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fallopt.errors import FalloptError
 
@@ -160,16 +160,19 @@ def init_options(init: dict[str, Any], connecting: bool) -> dict[str, Any]:
     return options
 
 
-def record_lost(config: DictConfig, num: int, overrides: Sequence[str], error: Exception) -> None:
+def record_lost(config: DictConfig, num: int, overrides: Sequence[str], error: Exception) -> str:
     """Record a job lost with its Ray node or worker: failed on the parent, its run KILLED.
 
     Ray retried it as often as `hydra.launcher.ray.remote.max_retries` allowed, so no attempt
-    of it lives on. With keep_going=false, the sweep stops here instead.
+    of it lives on. The run is found by the sweep's parent and the job's config hash. Returns
+    the reason recorded.
     """
     from hydra.core.utils import filter_overrides
+    from omegaconf import open_dict
 
     from fallopt import job, track
-    from fallopt.config import TrackingConfig
+    from fallopt.config import validate
+    from fallopt.identity import config_hash
     from fallopt.protocol import PARENT_ENV, TOTAL_ENV
 
     reason = f"lost on Ray: {type(error).__name__}: {str(error).splitlines()[0]}"
@@ -177,19 +180,69 @@ def record_lost(config: DictConfig, num: int, overrides: Sequence[str], error: E
     lost = job.Job(num, int(total) if total else None,
                    job.task_overrides(filter_overrides(overrides)),
                    str(config.hydra.sweep.dir), 1)  # fmt: skip
-    if config.get("keep_going", True) is False:
-        raise RuntimeError(f"{lost.label} ({lost.overrides}) {reason}; keep_going=false "
-                           "stops the sweep")  # fmt: skip
     log.error("[ray] %s (%s) %s", lost.label, lost.overrides, reason)
     parent = os.environ.get(PARENT_ENV)
     job.record(parent, lost, "failed", None, reason)
-    tracking = OmegaConf.to_object(config.tracking)
-    assert isinstance(tracking, TrackingConfig)
+    task = config.copy()
+    with open_dict(task):
+        del task["hydra"]
+    try:
+        typed = validate(task)
+    except FalloptError:  # a config that never ran: it opened no run
+        return reason
     if parent is not None:
-        tags = {"mlflow.parentRunId": parent, "mlflow.runName": lost.overrides}
-        for run in track.find_runs(track.connect(tracking), tags, "RUNNING"):
+        tags = {"mlflow.parentRunId": parent, "fallopt.config_hash": config_hash(typed)}
+        for run in track.find_runs(track.connect(typed.tracking), tags, "RUNNING"):
             track.end_dead(run, reason[: track.MAX_TAG])
             log.info("[ray] run %s of the lost job: KILLED", run.info.run_id)
+    return reason
+
+
+class JobExit(RuntimeError):
+    """A job on Ray that ended with an exit (`keep_going=false`, a bad value).
+
+    It carries the exit code and the errors the job logged: Ray's log forwarding may not
+    deliver them before the sweep ends.
+    """
+
+    def __init__(self, code: object, errors: Sequence[str] = ()) -> None:
+        super().__init__("\n".join(errors) or f"the job exited with {code!r}")
+        self.code = code
+        self.errors = list(errors)
+
+
+class _Errors(logging.Handler):
+    """The messages of the ERROR records logged while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+class ExitAsError:
+    """A task function for Ray workers: the job's exit becomes a `JobExit` error.
+
+    fallopt stops a sweep by exiting from a job; in a Ray task that kills the worker, which
+    Ray then retries as if its node were lost. As an error, Hydra records it in the job's
+    result, and the launcher stops the sweep with the same exit code and the job's errors.
+    """
+
+    def __init__(self, task: Callable[[DictConfig], Any]) -> None:
+        self.task = task
+
+    def __call__(self, cfg: DictConfig) -> Any:
+        """Run the job; its exit is raised as `JobExit`."""
+        errors = _Errors()
+        logging.getLogger().addHandler(errors)
+        try:
+            return self.task(cfg)
+        except SystemExit as e:
+            raise JobExit(e.code, errors.lines) from None
+        finally:
+            logging.getLogger().removeHandler(errors)
 
 
 def describe_nodes(nodes: list[dict[str, Any]]) -> str:

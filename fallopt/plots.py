@@ -88,20 +88,28 @@ def draw_confusion(
 # PNGs drawn in this process, by what they show: a figure already drawn is copied, not drawn
 # again. A prune x quant grid's runs share their pruned model, so its confusion matrix and
 # curves (0.1 s each to draw) are drawn once per pruned model instead of once per run.
-_drawn: dict[str, Path] = {}
+_drawn: dict[str, tuple[Path, str]] = {}  # what a figure shows -> its file and bytes' hash
 
 
 def _once(path: Path, content: object, draw: Callable[[], Path]) -> Path:
-    """Draw a figure into `path` unless one showing `content` was drawn; then copy that."""
+    """Draw a figure into `path` unless one showing `content` was drawn; then copy that.
+
+    The earlier file is copied only while it still holds what was drawn into it.
+    """
     key = hashlib.sha256(repr(content).encode()).hexdigest()
-    earlier = _drawn.get(key)
-    if earlier is not None and earlier.is_file():
-        shutil.copyfile(earlier, path)
+    earlier, drawn = _drawn.get(key, (None, ""))
+    if earlier is not None and earlier.is_file() and _sha256(earlier) == drawn:
+        if earlier.resolve() != path.resolve():
+            shutil.copyfile(earlier, path)
         return path
     if len(_drawn) >= 256:
         _drawn.clear()
-    _drawn[key] = draw()
+    _drawn[key] = (draw(), _sha256(path))
     return path
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def confusion_matrix_png(

@@ -90,7 +90,8 @@ def cli() -> None:
     except SystemExit as e:
         code = e.code
     watched = sys.getprofile() is not None or sys.gettrace() is not None
-    if watched or any(t.is_alive() and not t.daemon for t in threading.enumerate()[1:]):
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if watched or any(t.is_alive() and not t.daemon for t in others):
         sys.exit(code)
     atexit._run_exitfuncs()
     logging.shutdown()

@@ -3,12 +3,11 @@
 Each stage entry becomes one MLflow run in the experiment `<experiment>.stages`, tagged
 `fallopt.stage=<kind>-<key>`, with the entry's files as artifacts under `entry/`.
 
-- **One builder in the cluster.** A worker about to build an entry first claims it: it opens
-  the entry's run (RUNNING) and looks at the other RUNNING runs of that entry. The oldest
-  claim whose writer lives wins; a losing claim is deleted and its worker waits for the
-  upload. The builder's run beats a heartbeat tag, so a builder that dies on another host
-  is noticed within `track.STALE_SECONDS` (on this host, or on a dead Ray node, at once),
-  its claim is ended KILLED, and a waiting worker takes over.
+- **One builder in the cluster.** A worker about to build an entry first claims it (see
+  `MlflowStageStore.claim`): the oldest live claim, a RUNNING run of the entry, wins; the
+  others wait for its upload. The builder's run beats a heartbeat tag, so a builder that
+  dies on another host is noticed within `track.STALE_SECONDS` (on this host, or on a dead
+  Ray node, at once), its claim is ended KILLED, and a waiting worker takes over.
 - **Nothing partial is ever fetched.** The run is marked FINISHED only after every file is
   uploaded, and only FINISHED runs are fetched; fetched files are still checked against the
   checksums in their `meta.json` (see cache.py).
@@ -18,12 +17,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-import threading
 import time
 from pathlib import Path
 
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from fallopt import track
 from fallopt.cache import StageCache
@@ -34,27 +32,9 @@ log = logging.getLogger(__name__)
 
 STAGE_TAG = "fallopt.stage"
 _ENTRY = "entry"
-
-
-class _Heartbeat:
-    """Beats `track.HEARTBEAT_TAG` on a run from a daemon thread until stopped."""
-
-    def __init__(self, uri: str, run_id: str) -> None:
-        self._stop = threading.Event()
-        self._client, self._run_id = MlflowClient(uri), run_id
-        self._thread = threading.Thread(target=self._beat, daemon=True, name="fallopt-heartbeat")
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(track.HEARTBEAT_SECONDS):
-            try:
-                self._client.set_tag(self._run_id, track.HEARTBEAT_TAG, f"{time.time():.0f}")
-            except MlflowException as e:  # the store is away: others may take over; so be it
-                log.debug("[cache] heartbeat of %s not recorded: %s", self._run_id, e)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+# How long a new claim waits before it looks at its rivals: longer than opening a run takes
+# (its start time is taken before the store has it), so that no rival is missed.
+CLAIM_SETTLE_SECONDS = 1.0
 
 
 class _Claim:
@@ -62,7 +42,7 @@ class _Claim:
 
     def __init__(self, store: MlflowStageStore, run_id: str, name: str) -> None:
         self._store, self.run_id, self._name = store, run_id, name
-        self._heartbeat = _Heartbeat(store.uri, run_id)
+        self._heartbeat = track.Heartbeat(store.uri, run_id)
 
     def publish(self, src: Path) -> None:
         """Upload the entry's files; the run is FINISHED only once every file is there.
@@ -96,10 +76,12 @@ class MlflowStageStore:
         self.uri = tracking.uri
         self._experiment_id = track.connect(tracking, self.experiment)
         self.client = track.client(tracking.uri)
+        self._fetched: dict[str, str] = {}  # entry name -> the run its files came from
         for run_id in track.reap_dead_runs(self._experiment_id):
             log.info("[cache] upload %s was left RUNNING by a killed process: KILLED", run_id)
 
-    def _runs(self, name: str, status: str) -> list:
+    def _runs(self, name: str, status: str) -> list[Run]:
+        """The entry's runs of a status, newest first."""
         return track.find_runs(self._experiment_id, {STAGE_TAG: name}, status=status)
 
     def has(self, name: str) -> bool:
@@ -116,14 +98,31 @@ class MlflowStageStore:
         for path in downloaded.iterdir():
             shutil.move(str(path), dest / path.name)
         downloaded.rmdir()
+        self._fetched[name] = run_id
         return True
+
+    def discard(self, name: str) -> None:
+        """Retire the entry last fetched as `name`: its files failed their checksums.
+
+        Its run ends FAILED, so no worker fetches it again and the next claim rebuilds it.
+        """
+        run_id = self._fetched.pop(name, None)
+        if run_id is not None:
+            self.client.set_tag(run_id, "fallopt.error", "its files failed their checksums")
+            self.client.set_terminated(run_id, "FAILED")
 
     def claim(self, name: str) -> _Claim | str:
         """Claim the building of `name`: this worker's claim, or who holds the winning one.
 
-        Claims of dead writers are ended KILLED on the way. Among live claims the oldest
-        wins (start time, then run id: every worker computes the same answer).
+        A live claim already there is waited for, without a claim of this worker's. Else this
+        worker opens one, lets `CLAIM_SETTLE_SECONDS` pass, so that every claim opened at the
+        same time is in the store, and looks again: among the live claims the oldest wins
+        (start time, then run id: every worker computes the same answer). Claims of dead
+        writers are ended KILLED on the way; a losing claim is ended and deleted.
         """
+        live = track.live_runs(self._runs(name, "RUNNING"))
+        if live:
+            return track.describe_owner(_oldest(live))
         mine = self.client.create_run(
             self._experiment_id,
             run_name=name,
@@ -134,15 +133,20 @@ class MlflowStageStore:
                 **track.owner_tags(),
             },
         )
+        time.sleep(CLAIM_SETTLE_SECONDS)
         rivals = [r for r in self._runs(name, "RUNNING") if r.info.run_id != mine.info.run_id]
-        claims = [mine, *track.live_runs(rivals)]
-        first = min(claims, key=lambda r: (r.info.start_time, r.info.run_id))
+        first = _oldest([mine, *track.live_runs(rivals)])
         if first is mine and not self.has(name):
             return _Claim(self, mine.info.run_id, name)
-        self.client.delete_run(mine.info.run_id)  # a losing claim leaves nothing behind
+        self.client.set_terminated(mine.info.run_id, "FAILED")
+        self.client.delete_run(mine.info.run_id)  # a losing claim leaves nothing to see
         if first is mine:  # published between this worker's fetch and its claim
             return "a worker that has just published it"
         return track.describe_owner(first)
+
+
+def _oldest(claims: list[Run]) -> Run:
+    return min(claims, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
 def stage_cache(tracking: TrackingConfig) -> StageCache:

@@ -1,4 +1,4 @@
-"""One run: data -> baseline -> prune -> evaluate -> sizes -> MLflow, one log line per stage."""
+"""One run: data -> baseline -> prune -> evaluate -> quantize -> sizes -> MLflow, logged."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from fallopt.data import Dataset, InputRule, load_dataset
 from fallopt.deploy import write_bundle
 from fallopt.errors import ConfigError
 from fallopt.evaluate import Evaluation, evaluate_keras, evaluate_probabilities
-from fallopt.identity import digest, section
+from fallopt.identity import digest
 from fallopt.litert import TFLiteModel, host_cpu
 from fallopt.models import build_model
 from fallopt.plots import confusion_matrix_png, training_curves_png
@@ -85,6 +85,7 @@ def _preflight(cfg: FalloptConfig, data: Dataset) -> tuple[Schedule | None, np.n
 # 2,000 images), the model built for the checks before a run (0.1-0.3 s; the checks only read
 # it) and each check's answer, by everything it reads.
 _shared: dict[str, Any] = {}
+_data: dict[str, Dataset] = {}  # one data set at a time: a sweep's jobs share one
 
 
 def _once(key: list[Any], make: Callable[[], Any]) -> Any:
@@ -98,10 +99,17 @@ def _once(key: list[Any], make: Callable[[], Any]) -> Any:
 
 
 def _load_data(cfg: FalloptConfig) -> Dataset:
-    """The run's data set, loaded and split once per process (runs only read it)."""
+    """The run's data set, loaded and split once per process (runs only read it).
+
+    Known by every field of its config, paths included (the runs log where the data came
+    from), and by the content of its files.
+    """
     d = cfg.dataset
-    return _once(["data", section(d), d.sources(), cfg.train.val_split, cfg.seed],
-                 lambda: load_dataset(d, cfg.train.val_split, cfg.seed))  # fmt: skip
+    key = digest([repr(d), d.sources(), cfg.train.val_split, cfg.seed])
+    if key not in _data:
+        _data.clear()
+        _data[key] = load_dataset(d, cfg.train.val_split, cfg.seed)
+    return _data[key]
 
 
 def _check_model(cfg: FalloptConfig, data: Dataset) -> Schedule | None:
@@ -111,7 +119,7 @@ def _check_model(cfg: FalloptConfig, data: Dataset) -> Schedule | None:
     layers, clustering and pruning scopes are checked. Returns the pruning schedule (None
     without pruning).
     """
-    shape = [section(cfg.model), cfg.model.sources(), data.input_shape, data.num_classes]
+    shape = [repr(cfg.model), cfg.model.sources(), data.input_shape, data.num_classes]
     model = _once(["model", *shape],
                   lambda: build_model(cfg.model, data.input_shape, data.num_classes))  # fmt: skip
     q = cfg.quant
@@ -121,12 +129,12 @@ def _check_model(cfg: FalloptConfig, data: Dataset) -> Schedule | None:
         _once(["float", *shape, q.float_layers],
               lambda: check_float_layers(model, q.float_layers))  # fmt: skip
     if cfg.cluster.method is not ClusterMethod.none:
-        _once(["cluster", *shape, section(cfg.cluster)],
+        _once(["cluster", *shape, repr(cfg.cluster)],
               lambda: select_clusterable(model, cfg.cluster))  # fmt: skip
     if cfg.prune.method is PruneMethod.none:
         return None
     pruner = PRUNERS[cfg.prune.method]
-    return _once(["prune", *shape, section(cfg.prune), section(cfg.train), len(data.train)],
+    return _once(["prune", *shape, repr(cfg.prune), repr(cfg.train), data.fingerprint()],
                  lambda: pruner.check(model, cfg.prune, data, cfg.train))  # fmt: skip
 
 
@@ -145,17 +153,19 @@ def _joined(first: dict[str, list[float]], then: dict[str, list[float]]) -> dict
     return {k: first.get(k, []) + then.get(k, []) for k in {**first, **then}}
 
 
-def _size_metrics(
-    base: stages.StageResult, final: stages.StageResult, model: Any, measuring: Measuring
-) -> dict:
-    """Sizes of the final and the baseline model files, both saved without optimizer.
+def _sizes(
+    base: stages.StageResult, model: Any, keras_file: Measuring, tflite_file: Measuring
+) -> dict[str, float]:
+    """Sizes of the final model's files, against the baseline's, and the `[size]` line.
 
-    `measuring` is the final file's, started before the model was loaded and evaluated.
+    The final `.keras` file (saved without optimizer, as the baseline's) and `model.tflite`
+    were measured meanwhile (see `size.Measuring`); the baseline's files once per process.
     """
-    base_file, final_file = file_size(base.model_file), measuring.result()
+    base_file, final_file = file_size(base.model_file), keras_file.result()
+    reference, tflite = file_size(base.reference_tflite), tflite_file.result()
     base_nonzero = base.entry.meta["nonzero_params"]
     final_nonzero = nonzero_params(model)
-    return {
+    sizes = {
         "keras_size_bytes": final_file.raw_bytes,
         "keras_gzip_bytes": final_file.gzip_bytes,
         "nonzero_params": final_nonzero,
@@ -165,7 +175,20 @@ def _size_metrics(
         "size_ratio_to_baseline": final_file.raw_bytes / base_file.raw_bytes,
         "gzip_ratio_to_baseline": final_file.gzip_bytes / base_file.gzip_bytes,
         "nonzero_ratio_to_baseline": final_nonzero / base_nonzero,
+        # against the unpruned baseline as float32 TFLite
+        "tflite_size_bytes": tflite.raw_bytes,
+        "tflite_gzip_bytes": tflite.gzip_bytes,
+        "tflite_size_ratio_to_baseline": tflite.raw_bytes / reference.raw_bytes,
+        "tflite_gzip_ratio_to_baseline": tflite.gzip_bytes / reference.gzip_bytes,
     }
+    log.info(
+        "[size] %s: %s bytes, gzip %s (%.2fx baseline), %s non-zero parameters; "
+        "model.tflite: %s bytes, gzip %s (%.2fx baseline float32 TFLite)",
+        SIZE_FILE, f"{final_file.raw_bytes:,}", f"{final_file.gzip_bytes:,}",
+        sizes["gzip_ratio_to_baseline"], f"{final_nonzero:,}", f"{tflite.raw_bytes:,}",
+        f"{tflite.gzip_bytes:,}", sizes["tflite_gzip_ratio_to_baseline"],
+    )  # fmt: skip
+    return sizes
 
 
 def _baseline(
@@ -233,7 +256,6 @@ def _compress(
 def _evaluate(
     cfg: FalloptConfig, data: Dataset, base: stages.StageResult, final: stages.StageResult
 ) -> tuple[Any, Evaluation, dict[str, float]]:
-    measuring = Measuring(final.model_file)  # gzip meanwhile, on the core left idle
     model = load_saved(final.model_file)  # loaded once per process (the stage's own, if built)
     evaluation = evaluate_keras(model, data.test, _rule(cfg))
     metrics = evaluation.metrics(data.class_names, "test", data.positive)
@@ -243,21 +265,12 @@ def _evaluate(
         event = (f", {name} recall {metrics[f'test_{name}_recall']:.3f}, false alarms "
                  f"{metrics['test_false_alarm_rate']:.3f}")  # fmt: skip
     log.info("[evaluate] test_accuracy %.3f%s", evaluation.accuracy, event)
-    sizes = _size_metrics(base, final, model, measuring)
-    log.info(
-        "[size] %s: %s bytes, gzip %s bytes (%.2fx baseline), %s non-zero parameters",
-        SIZE_FILE,
-        f"{sizes['keras_size_bytes']:,}",
-        f"{sizes['keras_gzip_bytes']:,}",
-        sizes["gzip_ratio_to_baseline"],
-        f"{sizes['nonzero_params']:,}",
-    )
     params = {
         "params_total": model.count_params(),
         "baseline_params_total": base.entry.meta["params_total"],
         "params_ratio_to_baseline": model.count_params() / base.entry.meta["params_total"],
     }
-    return model, evaluation, {**metrics, **sizes, **params}
+    return model, evaluation, {**metrics, **params}
 
 
 def _quantize(
@@ -270,11 +283,11 @@ def _quantize(
     representative: np.ndarray | None,
     output_dir: Path,
     first_epoch: int,
-) -> tuple[dict[str, float], dict[str, list[float]]]:
+) -> tuple[dict[str, float], dict[str, list[float]], Measuring]:
     """Convert the final model, evaluate exactly that file with LiteRT, log it and its C array.
 
     A quantization-aware fine-tune's epochs are logged from `first_epoch` on. Returns the
-    metrics and that fine-tune's history (empty without).
+    metrics, that fine-tune's history (empty without) and the file's sizes being measured.
     """
     q = cfg.quant
     history: dict[str, list[float]] = {}
@@ -294,8 +307,7 @@ def _quantize(
         content = convert(model, q.mode, representative, q.sparse_weights)
     tflite_file = output_dir / "model.tflite"
     tflite_file.write_bytes(content)
-    measuring = Measuring(tflite_file)  # gzip meanwhile, on the core left idle
-    reference = file_size(base.reference_tflite)  # the unpruned baseline as float32 TFLite
+    measuring = Measuring(tflite_file)
     if cfg.cluster.method is not ClusterMethod.none:  # the file must keep what clustering made
         clustered = [row["layer"] for row in stages.outcome(final).rows]
         found = verify_tflite(content, final_model, clustered, cfg.cluster.clusters,
@@ -313,14 +325,9 @@ def _quantize(
     probs = tflite.predict(data.test.x)
     seconds = time.perf_counter() - start
     evaluation = evaluate_probabilities(data.test.y, probs)
-    size = measuring.result()
     metrics = evaluation.metrics(data.class_names, "tflite_test", data.positive)
     metrics.update(
         {
-            "tflite_size_bytes": size.raw_bytes,
-            "tflite_gzip_bytes": size.gzip_bytes,
-            "tflite_size_ratio_to_baseline": size.raw_bytes / reference.raw_bytes,
-            "tflite_gzip_ratio_to_baseline": size.gzip_bytes / reference.gzip_bytes,
             "tflite_sparsity": tflite.weight_sparsity(),
             "tflite_disagreement": float(
                 np.mean(evaluation.predictions != source_eval.predictions)
@@ -349,13 +356,10 @@ def _quantize(
         }
     )
     log.info(
-        "[quant] %s: model.tflite %s bytes, gzip %s (%.2fx baseline float32 TFLite), "
-        "test_accuracy %.3f, %.1f%% predictions differ from Keras, weight sparsity %.3f, "
-        "%.2f ms per image on %s",
+        "[quant] %s: model.tflite %s bytes, test_accuracy %.3f, %.1f%% predictions differ "
+        "from Keras, weight sparsity %.3f, %.2f ms per image on %s",
         q.mode.value,
-        f"{size.raw_bytes:,}",
-        f"{size.gzip_bytes:,}",
-        metrics["tflite_gzip_ratio_to_baseline"],
+        f"{len(content):,}",
         evaluation.accuracy,
         100 * metrics["tflite_disagreement"],
         metrics["tflite_sparsity"],
@@ -363,7 +367,7 @@ def _quantize(
         host_cpu(),
     )
     metrics.update(_device(cfg, data, content, tflite, evaluation, output_dir))
-    return metrics, history
+    return metrics, history, measuring
 
 
 def _device(
@@ -524,9 +528,10 @@ def run_experiment(
             final = clustered
         track.set_tags({"fallopt.stage.cluster": clustered.status if clustered else "none"})
 
+        keras_size = Measuring(final.model_file)  # meanwhile, while TensorFlow leaves a core
         model, evaluation, final_metrics = _evaluate(cfg, data, base, final)
         summary.update(final_metrics)
-        quant_metrics, qat_history = _quantize(
+        quant_metrics, qat_history, tflite_size = _quantize(
             cfg, data, base, final, model, evaluation, representative, output_dir,
             _epochs(history) + 1,
         )  # fmt: skip
@@ -541,10 +546,11 @@ def run_experiment(
         if warning:
             log.warning("[evaluate] %s", warning)
             track.set_tags({"fallopt.warning": warning})
-        # train_/val_ accuracy and loss were logged epoch by epoch; the rest once.
-        track.log_metrics({**summary, **counts})
         _log_figures(cfg, data, evaluation, history, phases, output_dir)
         track.log_artifacts([final.model_file], "model")
+        summary.update(_sizes(base, model, keras_size, tflite_size))
+        # train_/val_ accuracy and loss were logged epoch by epoch; the rest once.
+        track.log_metrics({**summary, **counts})
         _log_time(time.perf_counter() - start)
         log.info(
             "[track] run %s in experiment %r at %s",

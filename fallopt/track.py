@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,7 @@ from fallopt import interrupt
 from fallopt.config import TrackingConfig
 from fallopt.errors import FalloptError
 
+log = logging.getLogger(__name__)
 # The SQLite store's schema migrations log dozens of INFO lines on first use.
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -106,6 +108,11 @@ def path_component(name: str) -> str:
 def client(uri: str) -> MlflowClient:
     """One client per store and process (MLflow's fluent calls build one per call)."""
     return MlflowClient(uri)
+
+
+def current_client() -> MlflowClient:
+    """The process's client for the store `connect` pointed MLflow at."""
+    return client(mlflow.get_tracking_uri())
 
 
 # (uri, experiment, store file's inode) -> experiment id: a job opens its store once.
@@ -218,6 +225,7 @@ def _alive(pid: int) -> bool:
 
 
 def _dead_ray_nodes() -> set[str]:
+    """Ids of the Ray nodes known dead, if this process is in Ray (else none)."""
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return set()
@@ -238,22 +246,50 @@ class _Liveness:
         tags = run.data.tags
         if tags.get("fallopt.host") == socket.gethostname():
             pid = tags.get("fallopt.pid", "")
-            return "its process died (killed)" if pid.isdigit() and not _alive(int(pid)) else None
+            if pid.isdigit() and not _alive(int(pid)):
+                return "its process died (killed)"
         node = tags.get("fallopt.ray_node")
         if node:
             if self._dead_nodes is None:
                 self._dead_nodes = _dead_ray_nodes()
             if node in self._dead_nodes:
                 return f"its Ray node {node[:8]} died"
+        # Also on this host: a process that lives on may have given the run up (a claim it
+        # could not end while the store was away) and stopped beating.
         beat = tags.get(HEARTBEAT_TAG)
         if beat and time.time() - float(beat) > STALE_SECONDS:
             return f"its writer fell silent (no heartbeat for {time.time() - float(beat):.0f} s)"
         return None
 
 
+class Heartbeat:
+    """Beats `HEARTBEAT_TAG` on a run from a daemon thread until stopped.
+
+    A beat the store does not take (it is away) is skipped: if the store stays away, other
+    writers find the run silent after `STALE_SECONDS`, which is what it then is.
+    """
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self._stop = threading.Event()
+        self._client, self._run_id = MlflowClient(uri), run_id
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="fallopt-heartbeat")
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self._client.set_tag(self._run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+            except Exception as e:  # whatever the store says, the next beat may pass
+                log.debug("heartbeat of run %s not recorded: %s", self._run_id, e)
+
+    def stop(self) -> None:
+        """Stop beating; a beat under way may still finish (its thread is not waited for)."""
+        self._stop.set()
+
+
 def end_dead(run: Run, why: str) -> None:
     """Mark a dead writer's run KILLED, saying why."""
-    c = client(mlflow.get_tracking_uri())
+    c = current_client()
     c.set_tag(run.info.run_id, "fallopt.error", why)
     c.set_terminated(run.info.run_id, "KILLED")
 
@@ -297,11 +333,17 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) 
 
     The run ends FINISHED on success, KILLED on Ctrl-C and FAILED on any error (with the error
     as tag `fallopt.error`): it is never left RUNNING. A Ctrl-C that some library swallowed
-    still ends it KILLED (see `interrupt`).
+    still ends it KILLED (see `interrupt`). In a Ray worker the run beats a heartbeat, so a
+    writer that dies on another host is found dead by later jobs (`reap_dead_runs`).
     """
     global _last_run_id
+    # A Ray worker may run on another host: its run beats, so that others can tell it died.
+    remote = ray_node() is not None
+    if remote:
+        tags = {**tags, HEARTBEAT_TAG: f"{time.time():.0f}"}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     _last_run_id = run.info.run_id
+    heartbeat = Heartbeat(mlflow.get_tracking_uri(), run.info.run_id) if remote else None
     try:
         interrupt.check()
         yield run.info.run_id
@@ -315,6 +357,9 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) 
         finally:
             mlflow.end_run("FAILED")
         raise
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
     mlflow.end_run("FINISHED")
 
 
@@ -323,7 +368,7 @@ def _active() -> tuple[MlflowClient, str]:
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("no active MLflow run (track.tracked_run starts one)")
-    return client(mlflow.get_tracking_uri()), run.info.run_id
+    return current_client(), run.info.run_id
 
 
 def _log_batch(kind: str, items: list[Any]) -> None:
@@ -418,23 +463,23 @@ def log_datasets(name: str, origin: str, digests: dict[str, str]) -> None:
             source = resolve_dataset_source(str(Path(origin).resolve()))
     else:  # a generator, not a file
         source = CodeDatasetSource({"origin": origin})
-    from mlflow.tracking.fluent import _create_dataset_input
+    for split, digest in digests.items():
+        _log_input(MetaDataset(source, name=f"{name}-{split}", digest=digest),
+                   _CONTEXTS.get(split, split))  # fmt: skip
 
-    inputs = [
-        _create_dataset_input(
-            MetaDataset(source, name=f"{name}-{split}", digest=digest), _CONTEXTS.get(split, split)
-        )
-        for split, digest in digests.items()
-    ]
-    c, run_id = _active()
+
+def _log_input(dataset: Any, context: str) -> None:
+    """`mlflow.log_input`, retried when another job inserted the same new data set meanwhile.
+
+    MLflow looks a data set up, then inserts it: two jobs logging the same new one at once
+    collide on its unique key (seen with 2 sweeps on one SQLite store). The loser's retry
+    finds the winner's row.
+    """
     for attempt in range(3):
         try:
-            c.log_inputs(run_id, datasets=inputs)
+            mlflow.log_input(dataset, context=context)
             return
         except MlflowException as e:
-            # MLflow looks a dataset up, then inserts it: two jobs logging the same new data
-            # set at once collide on its unique key (seen with 2 sweeps on one SQLite store).
-            # The loser's retry finds the winner's row.
             if attempt == 2 or not _DUPLICATE.search(str(e)):
                 raise
             time.sleep(0.2 * (attempt + 1))

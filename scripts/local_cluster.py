@@ -21,8 +21,10 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 START_SECONDS = 120
 
@@ -150,8 +152,9 @@ class RayNode:
                      f"--ray-client-server-port={next(ports)}"]  # fmt: skip
         else:
             args += [f"--address={self.head}"]
+        # PYTHONPATH: the node's workers import this checkout's fallopt, installed or not.
         env = {**os.environ, "FALLOPT_CACHE": str(self.dir / "cache"), **ray_auth(self.token),
-               "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # fmt: skip
+               "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "PYTHONPATH": str(REPO)}  # fmt: skip
         env.pop("RAY_ADDRESS", None)
         log = self.dir / "ray-node.log"
         with log.open("w") as out:
@@ -168,6 +171,17 @@ class RayNode:
         """SIGKILL the node's raylet and workers at once, as a machine that dies."""
         self._signal(signal.SIGKILL)
 
+    def pause(self) -> None:
+        """SIGSTOP every process of the node: it holds still, as a machine that hangs."""
+        self._signal_tree(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_tree(signal.SIGCONT)
+
+    def _signal_tree(self, sig: int) -> None:
+        # The tree, not the group: Ray's workers need not share the node's process group.
+        _send(_tree(self.proc.pid), sig)
+
     def stop(self) -> None:
         """Stop the node: its `ray start --block` ends its raylet and workers."""
         self._signal(signal.SIGTERM)
@@ -175,16 +189,43 @@ class RayNode:
     def _signal(self, sig: int) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
+        tree = _tree(self.proc.pid)
         try:
             os.killpg(self.proc.pid, sig)
         except ProcessLookupError:
             return
+        if sig == signal.SIGKILL:
+            _send(tree, sig)
         self.proc.wait(60)
         deadline = time.time() + 30
         while _group_alive(self.proc.pid) and time.time() < deadline:
             time.sleep(0.2)
         if _group_alive(self.proc.pid):
             os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def _tree(root: int) -> list[int]:
+    """`root` and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+        except OSError:  # gone meanwhile
+            continue
+        ppid = int(rest.rsplit(") ", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(pid))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def _send(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def _group_alive(pgid: int) -> bool:

@@ -11,8 +11,9 @@ from which the sweep is launched, as on a real cluster:
 
 With --kill-node, a second sweep (seed=1: stages of its own) runs with Ray's retries off;
 once a job has finished on the worker node and another runs there, the worker node is
-killed (SIGKILL, raylet and workers), the sweep ends listing the lost jobs (exit 3), the
-node comes back, and the same sweep is run again: it finishes exactly the missing jobs.
+frozen, then killed (SIGKILL, raylet and workers), the sweep ends listing the lost jobs
+(exit 3), the node comes back, and the same sweep is run again: it finishes exactly the
+missing jobs.
 
 python scripts/ray_cluster_demo.py [--postgres ADMIN_URI] [--tracking-uri URI]
     [--dir DIR] [--kill-node] [--json FILE] [OVERRIDES ...]
@@ -43,7 +44,7 @@ SMALL = [
     "model.dense_units=[16]", "target.tflm_samples=20",
 ]  # fmt: skip
 STAGE_KINDS = ("baseline", "pruned")
-JUST_STARTED_MS = 1000
+FREEZE_SETTLE_SECONDS = 0.5
 
 
 def parse() -> argparse.Namespace:
@@ -129,25 +130,33 @@ def report(uri: str, sweep_dir: str, names: dict[str, str], common: list[str]) -
     return {"parent": parent.info.run_id, "parent_status": parent.info.status, "runs": rows}
 
 
-def wait_for(uri: str, sweep_dir: str, worker: str, proc: subprocess.Popen) -> None:
-    """Until a job has finished on `worker` (a node id) and another has just started there.
+def running_on(uri: str, sweep_dir: str, worker: str) -> bool:
+    """Whether a job runs on `worker` (a node id) after one has finished there."""
+    try:
+        _, children = runs_of(uri, sweep_dir)
+    except (IndexError, AttributeError):  # the sweep's parent is not there yet
+        return False
+    there = {r.info.status for r in children if r.data.tags.get("fallopt.ray_node") == worker}
+    return {"FINISHED", "RUNNING"} <= there
 
-    Just started: its run opened less than a second ago, so the kill lands before it ends.
+
+def freeze_under_a_job(uri: str, sweep_dir: str, worker: RayNode, worker_id: str,
+                       proc: subprocess.Popen) -> None:  # fmt: skip
+    """Return with the worker node frozen (SIGSTOP) while a job runs on it.
+
+    Frozen first, then checked: a job still running once the node stands still cannot finish
+    before the kill, however short it is. The pause lets a request it sent just before reach
+    the server.
     """
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        try:
-            _, children = runs_of(uri, sweep_dir)
-        except (IndexError, AttributeError):  # the sweep's parent is not there yet
-            children = []
-        there = [r for r in children if r.data.tags.get("fallopt.ray_node") == worker]
-        finished = any(r.info.status == "FINISHED" for r in there)
-        now_ms = time.time() * 1000
-        fresh = [r for r in there if r.info.status == "RUNNING"
-                 and now_ms - r.info.start_time < JUST_STARTED_MS]  # fmt: skip
-        if finished and fresh:
-            return
-        time.sleep(0.2)
+        if running_on(uri, sweep_dir, worker_id):
+            worker.pause()
+            time.sleep(FREEZE_SETTLE_SECONDS)
+            if running_on(uri, sweep_dir, worker_id):
+                return
+            worker.resume()
+        time.sleep(0.1)
     raise SystemExit("[demo] no job was running on the worker node to kill it under")
 
 
@@ -181,7 +190,7 @@ def main() -> None:
             worker_id = next(k for k, v in names.items() if v == worker.name)
             lossy = [*GRID, "seed=1", "+hydra.launcher.ray.remote.max_retries=0", *args.overrides]
             proc = sweep(driver, head, uri, "lossy", *lossy)
-            wait_for(uri, "multirun/lossy", worker_id, proc)
+            freeze_under_a_job(uri, "multirun/lossy", worker, worker_id, proc)
             print(f"[demo] killing the {worker.name} node (SIGKILL: raylet and workers)")
             worker.kill()
             summary["lossy_exit"] = proc.wait()

@@ -63,6 +63,22 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> Non
     monkeypatch.setenv("FALLOPT_CACHE", str(tmp_path_factory.mktemp("fallopt-cache")))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_process() -> None:
+    """What a process keeps for its next jobs (data, checks, sizes, models, figures, the
+    store's client) is not kept for the next test. Modules not imported yet stay so."""
+    task, size = sys.modules.get("fallopt.task"), sys.modules.get("fallopt.size")
+    plots, track = sys.modules.get("fallopt.plots"), sys.modules.get("fallopt.track")
+    for memo in (task and task._shared, task and task._data, size and size._loaded,
+                 plots and plots._drawn, track and track._connected):  # fmt: skip
+        if memo:
+            memo.clear()
+    if size:
+        size._measure.cache_clear()
+    if track:
+        track.client.cache_clear()
+
+
 @pytest.fixture
 def compose_cfg() -> Callable[..., DictConfig]:
     """Compose conf/ as `python -m fallopt.run` would, with overrides."""

@@ -37,7 +37,7 @@ def _start(tmp_path: Path, name: str, *overrides: str, sweep: bool = True) -> su
     """`python -m fallopt.run [-m]` on tiny data into tmp_path's store, output to `name`."""
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     out = f"hydra.{'sweep' if sweep else 'run'}.dir={tmp_path}/{name}"
-    args = [*(["-m"] if sweep else []), *overrides, *TINY, f"tracking.uri={uri}", out]
+    args = [*(["-m"] if sweep else []), *TINY, *overrides, f"tracking.uri={uri}", out]
     return subprocess.Popen(
         [sys.executable, "-m", "fallopt.run", *args],
         cwd=REPO,
@@ -168,7 +168,8 @@ def test_ctrl_c_at_any_moment_after_start_up_never_ends_finished(tmp_path):
     """Ctrl-C landing during TensorFlow's import (in a finalizer, where Python only prints
     "Exception ignored") or anywhere later ends the run KILLED, or before it starts."""
     for i, delay in enumerate([0.0, 0.2, 0.5, 1.0, 2.0, 4.0]):
-        proc = _start(tmp_path, f"o{i}", f"seed={i}", sweep=False)
+        # Training long enough (several seconds) that the last signal lands before the end.
+        proc = _start(tmp_path, f"o{i}", f"seed={i}", "train.epochs=40", sweep=False)
         lines = []
         for line in proc.stdout:  # the signal follows the thread cap, as in the audit
             lines.append(line)

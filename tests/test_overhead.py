@@ -130,19 +130,18 @@ def test_the_store_is_opened_once_per_process_and_again_when_its_file_is_replace
 def test_a_dataset_logged_by_two_jobs_at_once_is_retried_not_failed(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     experiment = track.connect(TrackingConfig(uri=mlflow.get_tracking_uri()))
-    client = track.client(mlflow.get_tracking_uri())
-    log_inputs, calls = client.log_inputs, []
+    log_inputs, calls = MlflowClient.log_inputs, []
 
-    def racing(*args, **kwargs):
+    def racing(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 1:  # the other job inserted the dataset between lookup and insert
             raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets")
-        return log_inputs(*args, **kwargs)
+        return log_inputs(self, *args, **kwargs)
 
-    monkeypatch.setattr(client, "log_inputs", racing)
+    monkeypatch.setattr(MlflowClient, "log_inputs", racing)
     with track.tracked_run(experiment, "r", {}) as run_id:
         track.log_datasets("synthetic_falls", "synthetic", {"train": "abc", "test": "def"})
-    assert len(calls) == 2
+    assert len(calls) == 3  # two splits, the first tried twice
     inputs = MlflowClient(mlflow.get_tracking_uri()).get_run(run_id).inputs.dataset_inputs
     names = sorted(i.dataset.name for i in inputs)
     assert names == ["synthetic_falls-test", "synthetic_falls-train"]
@@ -188,3 +187,20 @@ def test_a_single_run_writes_its_deploy_bundle_by_default(compose_cfg, tmp_path,
     client = MlflowClient(tracking_uri)
     assert "deploy" in {a.path for a in client.list_artifacts(track.last_run_id())}
     assert Path(tmp_path / "out" / "deploy" / "model_data.cc").is_file()
+
+
+@pytest.mark.slow  # two CLI runs (25 s); the bundle's own logic is tested above
+def test_deploy_true_on_a_config_a_sweep_finished_says_how_to_get_its_bundle(tmp_path):
+    from .conftest import fallopt_cli, multirun
+
+    sweep = multirun(tmp_path, "prune.sparsity=0.5")
+    (run,) = sweep.children
+    assert "deploy" not in {a.path for a in sweep.client.list_artifacts(run.info.run_id)}
+    again = fallopt_cli(
+        "prune.sparsity=0.5", *TINY, "deploy=true", f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
+        f"hydra.run.dir={tmp_path}/single", env={"FALLOPT_CACHE": str(tmp_path / "cache")},
+    )  # fmt: skip
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output[-3000:]
+    hint = f"run {run.info.run_id} has no deploy/ bundle and is not run again: add force=true"
+    assert hint in output

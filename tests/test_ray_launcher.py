@@ -4,6 +4,7 @@ The cluster itself is test_ray_cluster.py (slow)."""
 
 from __future__ import annotations
 
+import logging
 import pickle
 import socket
 import time
@@ -14,10 +15,13 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from fallopt import track
-from fallopt.config import TrackingConfig
+from fallopt.config import TrackingConfig, validate
+from fallopt.identity import config_hash
 from fallopt.launching import (
     LOCAL_OBJECT_STORE_BYTES,
     ComposeOnce,
+    ExitAsError,
+    JobExit,
     RayHeadError,
     check_head,
     init_options,
@@ -80,15 +84,19 @@ def test_a_job_lost_with_its_node_is_recorded_failed_and_its_run_killed(tmp_path
     client = MlflowClient(uri)
     parent = client.create_run(experiment, tags={"fallopt.role": "sweep"}).info.run_id
     overrides = ["prune.sparsity=0.8", "quant=int8", f"tracking.uri={uri}"]
-    orphan = client.create_run(
-        experiment, run_name="prune.sparsity=0.8 quant=int8",
-        tags={"mlflow.parentRunId": parent, "fallopt.host": "gpu-7", "fallopt.pid": "1"},
-    ).info.run_id  # fmt: skip
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         config = compose("config", overrides, return_hydra_config=True)
+        digest = config_hash(validate(compose("config", overrides)))
+    # Its run, on another host (its writer cannot be checked), named as the user chose.
+    orphan = client.create_run(
+        experiment, run_name="my name for it",
+        tags={"mlflow.parentRunId": parent, "fallopt.config_hash": digest,
+              "fallopt.host": "gpu-7", "fallopt.pid": "1"},
+    ).info.run_id  # fmt: skip
     monkeypatch.setenv(PARENT_ENV, parent)
     monkeypatch.setenv(TOTAL_ENV, "8")
-    record_lost(config, 7, overrides, RuntimeError("node 1f2e died\nmore"))
+    reason = record_lost(config, 7, overrides, RuntimeError("node 1f2e died\nmore"))
+    assert reason == "lost on Ray: RuntimeError: node 1f2e died"
     record = job_outcomes(client, parent)[7]
     assert record["outcome"] == "failed" and record["run_id"] is None
     assert record["error"] == "lost on Ray: RuntimeError: node 1f2e died"
@@ -123,3 +131,18 @@ def test_the_sweeper_composes_each_job_once_and_ships_no_configs_to_workers():
     once.load_sweep_config(master, ["seed=9"])  # kept for a launch that has not come
     shipped = pickle.loads(pickle.dumps(once))
     assert shipped._composed == {} and shipped.name == "loader"
+
+
+def test_a_job_that_exits_on_ray_raises_its_code_and_errors_instead_of_killing_the_worker():
+    def stops_the_sweep(cfg):
+        logging.getLogger("fallopt.run").error("prune.sparsity=1.5: must be in [0, 1)")
+        raise SystemExit(2)  # keep_going=false, or a bad value: fallopt exits from the job
+
+    before = list(logging.getLogger().handlers)
+    with pytest.raises(JobExit) as stopped:
+        ExitAsError(stops_the_sweep)(OmegaConf.create({}))
+    # The driver logs the errors: Ray's log forwarding may not deliver them before it exits.
+    assert stopped.value.code == 2
+    assert stopped.value.errors == ["prune.sparsity=1.5: must be in [0, 1)"]
+    assert len(logging.getLogger().handlers) == len(before)  # the catcher is gone again
+    assert ExitAsError(lambda cfg: 0.75)(OmegaConf.create({})) == 0.75  # answers pass through

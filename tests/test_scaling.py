@@ -31,10 +31,15 @@ from .test_sweep import check_grid
 
 @pytest.mark.slow  # resuming on Ray: test_ray_cluster.py
 def test_the_ray_launcher_runs_the_grid_on_a_local_instance_with_one_baseline(tmp_path):
-    sweep = multirun(tmp_path, *GRID, "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2")
+    ray = ["hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2"]
+    sweep = multirun(tmp_path, *GRID, *ray)
     check_grid(sweep)
     assert "on a local Ray instance" in sweep.output
     assert {r.data.tags["fallopt.ray_node"] for r in sweep.children} != {""}
+    # keep_going=false: a job's bad value stops the sweep with its exit code, as without Ray.
+    stop = multirun(tmp_path, "prune.sparsity=1.5,0.5", "keep_going=false", *ray, name="stop",
+                    returncode=2)  # fmt: skip
+    assert "prune.sparsity=1.5 is invalid: must satisfy 0 <= sparsity < 1" in stop.output
 
 
 @pytest.mark.slow

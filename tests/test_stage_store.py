@@ -143,7 +143,7 @@ def test_a_failed_build_releases_its_claim_for_the_next_worker(tmp_path):
     entry, _ = StageCache(tmp_path / "b", MlflowStageStore(tracking)).get_or_build(
         "pruned", "k", _build
     )
-    assert entry.origin == BUILT and time.monotonic() - start < 5  # no wait for a dead claim
+    assert entry.origin == BUILT and time.monotonic() - start < 20  # not waiting on it
     client = MlflowClient(tracking.uri)
     stages = client.get_experiment_by_name("fallopt.stages").experiment_id
     failed = client.search_runs([stages], "attributes.status = 'FAILED'")
@@ -170,3 +170,25 @@ def test_a_claim_on_another_host_is_waited_for_while_it_beats_and_taken_over_onc
     claim.release("test over")
     assert client.get_run(beating).info.status == "KILLED"
     assert "no heartbeat for" in client.get_run(beating).data.tags["fallopt.error"]
+
+
+def test_a_published_entry_that_fails_its_checksums_is_retired_and_built_again(tmp_path):
+    tracking = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db", share_stages=True)
+    StageCache(tmp_path / "a", MlflowStageStore(tracking)).get_or_build("pruned", "k", _build)
+    client = MlflowClient(tracking.uri)
+    stages = client.get_experiment_by_name("fallopt.stages").experiment_id
+    (published,) = client.search_runs([stages])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.keras").write_bytes(b"x" * 10)  # same size, other bytes: fails its checksum
+    client.log_artifact(published.info.run_id, str(bad / "model.keras"), "entry")
+    start = time.monotonic()
+    entry, _ = StageCache(tmp_path / "b", MlflowStageStore(tracking)).get_or_build(
+        "pruned", "k", _build
+    )
+    assert entry.origin == BUILT and time.monotonic() - start < 30  # no endless wait
+    retired = client.get_run(published.info.run_id)
+    assert retired.info.status == "FAILED"
+    assert retired.data.tags["fallopt.error"] == "its files failed their checksums"
+    statuses = sorted(r.info.status for r in client.search_runs([stages]))
+    assert statuses == ["FAILED", "FINISHED"]  # the rebuilt entry is the one published

@@ -135,6 +135,14 @@ def _centroid_init(name: str):  # noqa: ANN202 (tfmot has no type stubs)
 
 
 @timed("train")  # tfmot's part of the clustering fine-tune
+def strip_clusters(wrapped: tf_keras.Model) -> tf_keras.Model:
+    """The fine-tuned model without tfmot's clustering wrappers."""
+    import tensorflow_model_optimization as tfmot
+
+    return tfmot.clustering.keras.strip_clustering(wrapped)
+
+
+@timed("train")  # tfmot's part of the clustering fine-tune
 def wrap_for_clustering(
     model: tf_keras.Model, layer_names: list[str], cfg: ClusterConfig
 ) -> tf_keras.Model:
@@ -313,8 +321,6 @@ def cluster_and_fine_tune(
         ClusterError: a kernel with more than k values, a lost zero with preserve_sparsity,
             or a flattened or saved model that predicts differently.
     """
-    import tensorflow_model_optimization as tfmot
-
     k = keras()
     source = k.models.load_model(model_file, compile=False)  # fresh: tfmot reuses layers
     names = select_layers(source, cfg.scope, "cluster.scope")
@@ -331,7 +337,7 @@ def cluster_and_fine_tune(
             history = fit(
                 wrapped, train, val, train_cfg, cfg.fine_tune_epochs, seed, on_epoch_end, rule=rule
             )
-        stripped = timed("train")(tfmot.clustering.keras.strip_clustering)(wrapped)
+        stripped = strip_clusters(wrapped)
         layers = measure_clusters(before, stripped, cfg)
         check_clusters(layers, cfg)
         save_model(stripped, out_file)

@@ -52,7 +52,7 @@ class RayLauncher(HydraRayLauncher):
         import ray
         from hydra_plugins.hydra_ray_launcher._launcher_util import launch_job_on_ray
 
-        from fallopt.launching import check_head, describe_nodes, init_options
+        from fallopt.launching import ExitAsError, check_head, describe_nodes, init_options
         from fallopt.protocol import PARENT_ENV, START_ENV, TOTAL_ENV
 
         setup_globals()
@@ -79,31 +79,52 @@ class RayLauncher(HydraRayLauncher):
                 sweep_config.hydra.job.num = idx
                 sweep_config.hydra.job.env_set.update(protocol)
             ref = launch_job_on_ray(self.hydra_context, self.ray_cfg.remote, sweep_config,
-                                    self.task_function, Singleton.get_state())  # fmt: skip
+                                    ExitAsError(self.task_function),
+                                    Singleton.get_state())  # fmt: skip
             jobs[ref] = (idx, overrides, sweep_config)
         return self._collect(jobs)
 
     def _collect(self, jobs: dict[Any, tuple[int, Sequence[str], DictConfig]]) -> list[JobReturn]:
-        """Each job's result as it finishes; a job lost with its node or worker is recorded."""
+        """Each job's result as it finishes; a job lost with its node or worker is recorded.
+
+        A job that stops the sweep (keep_going=false) cancels the others and ends the sweep
+        with its exit code, as with Hydra's own launcher.
+        """
         import ray
 
-        from fallopt.launching import record_lost
+        from fallopt.launching import JobExit, record_lost
 
         results: dict[int, JobReturn] = {}
         pending = list(jobs)
+
+        def stop() -> None:
+            for other in pending:
+                ray.cancel(other, force=True)
+
         while pending:
             (ref,), pending = ray.wait(pending, num_returns=1)
             idx, overrides, sweep_config = jobs[ref]
             try:
                 results[idx] = ray.get(ref)
-            except ray.exceptions.RayTaskError:
-                for other in pending:  # the job stopped the sweep (keep_going=false)
-                    ray.cancel(other, force=True)
+            except ray.exceptions.RayTaskError:  # an error outside the job: fallopt's or Ray's
+                stop()
                 raise
             except ray.exceptions.RayError as e:
-                record_lost(sweep_config, idx, overrides, e)
+                reason = record_lost(sweep_config, idx, overrides, e)
+                if sweep_config.get("keep_going", True) is False:
+                    stop()
+                    raise RuntimeError(f"{reason}; keep_going=false stops the sweep") from e
                 results[idx] = JobReturn(  # answered like a failed job (None), not raised
                     overrides=list(overrides), cfg=sweep_config, hydra_cfg=sweep_config,
                     status=JobStatus.COMPLETED, _return_value=None,
                 )  # fmt: skip
+                continue
+            if results[idx].status is JobStatus.FAILED:
+                stop()
+                error = results[idx]._return_value
+                if isinstance(error, JobExit):
+                    for line in error.errors:
+                        log.error("%s", line)
+                    raise SystemExit(error.code)
+                break  # Hydra's sweeper raises the job's error
         return [results[idx] for idx in sorted(results)]

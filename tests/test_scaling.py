@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -152,8 +153,10 @@ def test_a_tracking_server_gone_mid_sweep_stops_it_with_one_line_and_resume_redo
         lines = []
         for line in sweep.stdout:
             lines.append(line)
-            if "[job 2/3]" in line:
-                break  # job 2 has started: the server goes away under it
+            if "[job 2/3]" in line:  # job 2 has started: the server goes away under it,
+                sweep.send_signal(signal.SIGSTOP)  # held still meanwhile (a tiny job is quick)
+                break
+    sweep.send_signal(signal.SIGCONT)
     lines += sweep.stdout.readlines()
     output = "".join(lines)
     assert sweep.wait(timeout=300) == 2, output[-4000:]

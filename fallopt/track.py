@@ -352,6 +352,9 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) 
         mlflow.end_run("KILLED")
         raise
     except BaseException as e:
+        if interrupt.received():  # Ctrl-C, surfacing as the error of what it cut short
+            mlflow.end_run("KILLED")
+            raise KeyboardInterrupt("Ctrl-C (SIGINT) received") from e
         try:
             mlflow.set_tag("fallopt.error", f"{type(e).__name__}: {e}"[:MAX_TAG])
         finally:

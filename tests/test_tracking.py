@@ -79,6 +79,27 @@ def test_a_swallowed_ctrl_c_still_ends_the_run_killed(tmp_path, monkeypatch):
     assert MlflowClient().get_run(run_id).info.status == "KILLED"
 
 
+def test_a_ctrl_c_that_surfaces_as_another_error_ends_the_run_killed(tmp_path, monkeypatch):
+    monkeypatch.setattr(interrupt, "_received", False)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    experiment = track.connect(TrackingConfig(uri=mlflow.get_tracking_uri()))
+    with (
+        pytest.raises(KeyboardInterrupt) as stopped,
+        track.tracked_run(experiment, "r", {}) as run_id,
+    ):
+        try:
+            interrupt._on_sigint(2, None)
+        except KeyboardInterrupt:  # Keras, cut short, then fails on what it left half done
+            raise AttributeError("'dict' object has no attribute '_type_spec'") from None
+    assert MlflowClient().get_run(run_id).info.status == "KILLED"
+    assert isinstance(stopped.value.__cause__, AttributeError)  # the error stays visible
+    # Without a Ctrl-C, the same error ends the run FAILED.
+    monkeypatch.setattr(interrupt, "_received", False)
+    with pytest.raises(AttributeError), track.tracked_run(experiment, "r", {}) as run_id:
+        raise AttributeError("a bug")
+    assert MlflowClient().get_run(run_id).info.status == "FAILED"
+
+
 def test_sigint_handler_is_installed_only_where_ctrl_c_is_not_ignored(monkeypatch):
     import signal
 

@@ -210,6 +210,9 @@ class JobExit(RuntimeError):
         self.code = code
         self.errors = list(errors)
 
+    def __reduce__(self) -> tuple[type, tuple[object, list[str]]]:
+        return type(self), (self.code, self.errors)  # Ray pickles it: rebuilt as it was made
+
 
 class _Errors(logging.Handler):
     """The messages of the ERROR records logged while it is attached."""

@@ -349,11 +349,11 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) 
         yield run.info.run_id
         interrupt.check()
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        _end_killed()
         raise
     except BaseException as e:
         if interrupt.received():  # Ctrl-C, surfacing as the error of what it cut short
-            mlflow.end_run("KILLED")
+            _end_killed()
             raise KeyboardInterrupt("Ctrl-C (SIGINT) received") from e
         try:
             mlflow.set_tag("fallopt.error", f"{type(e).__name__}: {e}"[:MAX_TAG])
@@ -364,6 +364,14 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) 
         if heartbeat is not None:
             heartbeat.stop()
     mlflow.end_run("FINISHED")
+
+
+def _end_killed() -> None:
+    """End the active run KILLED; a store that cannot say so must not hide the Ctrl-C."""
+    try:
+        mlflow.end_run("KILLED")
+    except Exception as e:
+        log.warning("[track] cannot mark the interrupted run KILLED: %s", e)
 
 
 def _active() -> tuple[MlflowClient, str]:

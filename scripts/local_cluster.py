@@ -21,7 +21,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,9 +194,13 @@ class RayNode:
             os.killpg(self.proc.pid, sig)
         except ProcessLookupError:
             return
-        if sig == signal.SIGKILL:
-            _send(tree, sig)
-        self.proc.wait(60)
+        # SIGKILL reaches a frozen process; other signals wait for SIGCONT (see `pause`).
+        _send(tree, sig if sig == signal.SIGKILL else signal.SIGCONT)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            _send(_tree(self.proc.pid), signal.SIGKILL)
+            self.proc.wait(10)
         deadline = time.time() + 30
         while _group_alive(self.proc.pid) and time.time() < deadline:
             time.sleep(0.2)
@@ -252,6 +256,7 @@ def ray_cluster(root: Path, workers: int = 1) -> Iterator[list[RayNode]]:
             nodes.append(worker.start())
         yield nodes
     finally:
-        for node in reversed(nodes):
-            node.stop()
+        with ExitStack() as stopping:  # every node, even if one fails to stop
+            for node in nodes:
+                stopping.callback(node.stop)
         shutil.rmtree(ray_dir, ignore_errors=True)

@@ -152,9 +152,13 @@ def freeze_under_a_job(uri: str, sweep_dir: str, worker: RayNode, worker_id: str
     while time.time() < deadline and proc.poll() is None:
         if running_on(uri, sweep_dir, worker_id):
             worker.pause()
-            time.sleep(FREEZE_SETTLE_SECONDS)
-            if running_on(uri, sweep_dir, worker_id):
-                return
+            try:
+                time.sleep(FREEZE_SETTLE_SECONDS)
+                if running_on(uri, sweep_dir, worker_id):
+                    return
+            except BaseException:
+                worker.resume()
+                raise
             worker.resume()
         time.sleep(0.1)
     raise SystemExit("[demo] no job was running on the worker node to kill it under")

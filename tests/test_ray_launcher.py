@@ -144,5 +144,11 @@ def test_a_job_that_exits_on_ray_raises_its_code_and_errors_instead_of_killing_t
     # The driver logs the errors: Ray's log forwarding may not deliver them before it exits.
     assert stopped.value.code == 2
     assert stopped.value.errors == ["prune.sparsity=1.5: must be in [0, 1)"]
+    shipped = pickle.loads(pickle.dumps(stopped.value))  # as Ray returns it to the driver
+    assert (shipped.code, shipped.errors, str(shipped)) == (
+        2,
+        stopped.value.errors,
+        str(stopped.value),
+    )
     assert len(logging.getLogger().handlers) == len(before)  # the catcher is gone again
     assert ExitAsError(lambda cfg: 0.75)(OmegaConf.create({})) == 0.75  # answers pass through

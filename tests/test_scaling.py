@@ -143,20 +143,22 @@ def test_a_tracking_server_gone_mid_sweep_stops_it_with_one_line_and_resume_redo
 
     backend, port = f"sqlite:///{tmp_path}/server.db", local_cluster.free_port()
     grid = ["prune.sparsity=0.3,0.5,0.8", "tracking=server", *TINY]
-    with local_cluster.mlflow_server(backend, tmp_path / "server", port=port) as uri:
-        sweep = subprocess.Popen(
-            [sys.executable, "-m", "fallopt.run", "-m", *grid, f"tracking.uri={uri}",
-             f"hydra.sweep.dir={tmp_path}/sweep"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "FALLOPT_CACHE": str(tmp_path / "cache")},
-        )  # fmt: skip
-        lines = []
-        for line in sweep.stdout:
-            lines.append(line)
-            if "[job 2/3]" in line:  # job 2 has started: the server goes away under it,
-                sweep.send_signal(signal.SIGSTOP)  # held still meanwhile (a tiny job is quick)
-                break
-    sweep.send_signal(signal.SIGCONT)
+    lines: list[str] = []
+    try:
+        with local_cluster.mlflow_server(backend, tmp_path / "server", port=port) as uri:
+            sweep = subprocess.Popen(
+                [sys.executable, "-m", "fallopt.run", "-m", *grid, f"tracking.uri={uri}",
+                 f"hydra.sweep.dir={tmp_path}/sweep"],
+                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                env={**os.environ, "FALLOPT_CACHE": str(tmp_path / "cache")},
+            )  # fmt: skip
+            for line in sweep.stdout:
+                lines.append(line)
+                if "[job 2/3]" in line:  # job 2 has started: the server goes away under it,
+                    sweep.send_signal(signal.SIGSTOP)  # held still meanwhile (tiny jobs are quick)
+                    break
+    finally:
+        sweep.send_signal(signal.SIGCONT)
     lines += sweep.stdout.readlines()
     output = "".join(lines)
     assert sweep.wait(timeout=300) == 2, output[-4000:]

@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from fallopt.identity import file_digest  # noqa: E402
+
 
 def style_axes(ax: plt.Axes, xlabel: str, ylabel: str, title: str) -> None:
     """Label the axes (with units), title, grid and legend: every fallopt plot looks alike."""
@@ -98,18 +100,14 @@ def _once(path: Path, content: object, draw: Callable[[], Path]) -> Path:
     """
     key = hashlib.sha256(repr(content).encode()).hexdigest()
     earlier, drawn = _drawn.get(key, (None, ""))
-    if earlier is not None and earlier.is_file() and _sha256(earlier) == drawn:
+    if earlier is not None and earlier.is_file() and file_digest(earlier) == drawn:
         if earlier.resolve() != path.resolve():
             shutil.copyfile(earlier, path)
         return path
     if len(_drawn) >= 256:
         _drawn.clear()
-    _drawn[key] = (draw(), _sha256(path))
+    _drawn[key] = (draw(), file_digest(path))
     return path
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def confusion_matrix_png(

@@ -189,12 +189,16 @@ def find_runs(experiment_id: str, tags: dict[str, str], status: str | None = Non
     )
 
 
-def ray_node() -> str | None:
-    """The Ray node this process works on (a Ray worker, or a connected driver), else None."""
+def _ray() -> Any | None:
+    """Ray, if this process is in it (a Ray worker, or a connected driver), else None."""
     ray = sys.modules.get("ray")  # never imported here: only a process in Ray has it
-    if ray is None or not ray.is_initialized():
-        return None
-    return ray.get_runtime_context().get_node_id()
+    return ray if ray is not None and ray.is_initialized() else None
+
+
+def ray_node() -> str | None:
+    """The Ray node this process works on, else None."""
+    ray = _ray()
+    return None if ray is None else ray.get_runtime_context().get_node_id()
 
 
 def owner_tags() -> dict[str, str]:
@@ -226,10 +230,8 @@ def _alive(pid: int) -> bool:
 
 def _dead_ray_nodes() -> set[str]:
     """Ids of the Ray nodes known dead, if this process is in Ray (else none)."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return set()
-    return {node["NodeID"] for node in ray.nodes() if not node["Alive"]}
+    ray = _ray()
+    return set() if ray is None else {node["NodeID"] for node in ray.nodes() if not node["Alive"]}
 
 
 class _Liveness:
@@ -271,6 +273,7 @@ class Heartbeat:
 
     def __init__(self, uri: str, run_id: str) -> None:
         self._stop = threading.Event()
+        # A client of its own, not `client(uri)`: it is used from the heartbeat's thread.
         self._client, self._run_id = MlflowClient(uri), run_id
         self._thread = threading.Thread(target=self._beat, daemon=True, name="fallopt-heartbeat")
         self._thread.start()

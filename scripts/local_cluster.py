@@ -31,9 +31,7 @@ START_SECONDS = 120
 
 def free_port() -> int:
     """A TCP port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _wait(until: callable, what: str, log: Path, proc: subprocess.Popen) -> None:

@@ -247,7 +247,7 @@ def run_job(cfg: FalloptConfig, hydra_cfg: DictConfig) -> float | list[float] | 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     before = track.last_run_id()
     try:
-        metrics = run_experiment(cfg, digest, output_dir, parent)
+        metrics = run_experiment(cfg, digest, output_dir, parent, {"fallopt.threads": str(threads)})
     except Exception as e:
         opened = track.last_run_id()  # the run this job opened, if it got that far
         failed = opened if opened != before else None
@@ -256,7 +256,6 @@ def run_job(cfg: FalloptConfig, hydra_cfg: DictConfig) -> float | list[float] | 
     run_id = track.last_run_id()
     if run_id is None or run_id == before:
         raise RuntimeError("run_experiment returned without opening a run")
-    track.client(cfg.tracking.uri).set_tag(run_id, "fallopt.threads", str(threads))
     record(parent, job, "finished", run_id)
     _progress(parent, job, time.time() - start)
     return objectives(cfg.objectives, metrics)

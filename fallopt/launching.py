@@ -5,7 +5,6 @@ live in the `hydra_plugins` namespace, and Hydra executes those modules again wh
 scans for plugins, so their classes and functions are redefined each time. The work is done
 here, where every object keeps its identity; the plugin classes only call it.
 
-- `ComposeOnce`: each job's config composed once, for the batch check and the launch.
 - Joining a Ray cluster: `check_head` (a head that does not answer is reported in seconds,
   Ray itself retried one for 14 minutes) and `init_options` (keys Ray refuses when joining).
 - `record_lost`: a job lost with its Ray node or worker, recorded as failed on the sweep's
@@ -14,7 +13,6 @@ here, where every object keeps its identity; the plugin classes only call it.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import socket
@@ -27,36 +25,6 @@ from omegaconf import DictConfig
 from fallopt.errors import FalloptError
 
 log = logging.getLogger("fallopt.ray")
-
-
-class ComposeOnce:
-    """A config loader that keeps each job's config from the batch check until the launch.
-
-    Hydra's BasicSweeper composes every job's config to check the batch before launching it,
-    and the launcher then composes it again to run it: 0.1 s each time for fallopt's config.
-    """
-
-    def __init__(self, loader: Any) -> None:
-        self._loader = loader
-        self._composed: dict[tuple[int, tuple[str, ...]], DictConfig] = {}
-
-    def load_sweep_config(
-        self, master_config: DictConfig, sweep_overrides: Sequence[str]
-    ) -> DictConfig:
-        """The job's config: composed now, or kept from the batch check."""
-        key = (id(master_config), tuple(sweep_overrides))
-        kept = self._composed.pop(key, None)
-        if kept is not None:
-            return kept
-        config = self._loader.load_sweep_config(master_config, list(sweep_overrides))
-        self._composed[key] = config
-        return copy.deepcopy(config)  # the checker's copy: whatever it does stays its own
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._loader, name)
-
-    def __reduce__(self) -> tuple:
-        return (ComposeOnce, (self._loader,))  # launchers ship it to workers: not the configs
 
 
 # ray.init keys that describe a local instance: Ray refuses them when connecting to a cluster.

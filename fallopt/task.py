@@ -461,8 +461,9 @@ def run_experiment(
     config_hash: str,
     output_dir: Path,
     parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """Train (or reuse), prune, evaluate and track one configuration.
+    """Train (or reuse), prune, evaluate and track one configuration; `tags`: more for its run.
 
     Data, shapes, the pruning schedule and scope are checked, and the tracking store opened,
     before the MLflow run starts, so bad input leaves no run behind. Once started, the run
@@ -479,6 +480,7 @@ def run_experiment(
     schedule, representative = _preflight(cfg, data)
 
     tags = {
+        **(tags or {}),
         "fallopt.version": fallopt.__version__,
         "fallopt.config_hash": config_hash,
         "fallopt.dataset": data.name,

@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -337,13 +337,15 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) 
     The run ends FINISHED on success, KILLED on Ctrl-C and FAILED on any error (with the error
     as tag `fallopt.error`): it is never left RUNNING. A Ctrl-C that some library swallowed
     still ends it KILLED (see `interrupt`). In a Ray worker the run beats a heartbeat, so a
-    writer that dies on another host is found dead by later jobs (`reap_dead_runs`).
+    writer that dies on another host is found dead by later jobs (`reap_dead_runs`). What the
+    body logged but had not sent (`_Pending`) is sent before the run ends, however it ends.
     """
     global _last_run_id
     # A Ray worker may run on another host: its run beats, so that others can tell it died.
     remote = ray_node() is not None
     if remote:
         tags = {**tags, HEARTBEAT_TAG: f"{time.time():.0f}"}
+    _pending.clear()
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     _last_run_id = run.info.run_id
     heartbeat = Heartbeat(mlflow.get_tracking_uri(), run.info.run_id) if remote else None
@@ -351,6 +353,7 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) 
         interrupt.check()
         yield run.info.run_id
         interrupt.check()
+        _send()
     except KeyboardInterrupt:
         _end_killed()
         raise
@@ -359,11 +362,13 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) 
             _end_killed()
             raise KeyboardInterrupt("Ctrl-C (SIGINT) received") from e
         try:
-            mlflow.set_tag("fallopt.error", f"{type(e).__name__}: {e}"[:MAX_TAG])
+            _pending.tags["fallopt.error"] = f"{type(e).__name__}: {e}"[:MAX_TAG]
+            _send_quietly()
         finally:
             mlflow.end_run("FAILED")
         raise
     finally:
+        _pending.clear()
         if heartbeat is not None:
             heartbeat.stop()
     mlflow.end_run("FINISHED")
@@ -371,10 +376,64 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) 
 
 def _end_killed() -> None:
     """End the active run KILLED; a store that cannot say so must not hide the Ctrl-C."""
+    _send_quietly()
     try:
         mlflow.end_run("KILLED")
     except Exception as e:
         log.warning("[track] cannot mark the interrupted run KILLED: %s", e)
+
+
+class _Pending:
+    """What the active run logged and has not sent yet: its params, tags and final metrics.
+
+    A job logs them a dozen times; each request costs 5 ms on SQLite and 20-30 ms against a
+    server, so they go in one request, with the next epoch's metrics (training curves stay
+    live) or when the run ends. Tags and params by key: the last value set is the one sent.
+    """
+
+    def __init__(self) -> None:
+        self.params: dict[str, str] = {}
+        self.tags: dict[str, str] = {}
+        self.metrics: list[Any] = []
+
+    def clear(self) -> None:
+        self.params, self.tags, self.metrics = {}, {}, []
+
+    def take(self) -> tuple[dict[str, str], dict[str, str], list[Any]]:
+        taken = self.params, self.tags, self.metrics
+        self.clear()
+        return taken
+
+
+_pending = _Pending()
+
+
+def _send(metrics: Sequence[Any] = ()) -> None:
+    """Send `metrics` and whatever is pending to the active run, in as few requests as can be.
+
+    MLflow takes at most 100 params, 100 tags and 1,000 entities in all per request.
+    """
+    from mlflow.entities import Param, RunTag
+
+    params, tags, pending_metrics = _pending.take()
+    params_left = [Param(k, v) for k, v in params.items()]
+    tags_left = [RunTag(k, v) for k, v in tags.items()]
+    metrics_left = [*pending_metrics, *metrics]
+    c, run_id = _active()
+    while params_left or tags_left or metrics_left:
+        p, t = params_left[:100], tags_left[:100]
+        m = metrics_left[: 1000 - len(p) - len(t)]
+        c.log_batch(run_id, metrics=m, params=p, tags=t)
+        params_left, tags_left = params_left[len(p) :], tags_left[len(t) :]
+        metrics_left = metrics_left[len(m) :]
+
+
+def _send_quietly() -> None:
+    """`_send`, for a run that is ending anyway: a store that fails here fails the end too."""
+    try:
+        _send()
+    except Exception as e:
+        log.warning("[track] cannot send the run's last params, tags and metrics: %s", e)
 
 
 def _active() -> tuple[MlflowClient, str]:
@@ -385,27 +444,21 @@ def _active() -> tuple[MlflowClient, str]:
     return current_client(), run.info.run_id
 
 
-def _log_batch(kind: str, items: list[Any]) -> None:
-    """Log params, metrics or tags to the active run in as few requests as MLflow allows."""
-    c, run_id = _active()
-    size = 1000 if kind == "metrics" else 100  # MLflow's limits per batch
-    for i in range(0, len(items), size):
-        c.log_batch(run_id, **{kind: items[i : i + size]})
-
-
 def log_params(flat: dict[str, Any]) -> None:
     """Log already flattened params; values become strings as MLflow stores them."""
-    from mlflow.entities import Param
-
-    _log_batch("params", [Param(key, str(value)) for key, value in flat.items()])
+    _pending.params.update({key: str(value) for key, value in flat.items()})
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    """Log metrics, optionally at a step (the epoch for training curves)."""
+    """Log metrics; at a step (the epoch, for training curves) they are sent at once."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    _log_batch("metrics", [Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+    logged = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+    if step is None:
+        _pending.metrics.extend(logged)
+    else:
+        _send(logged)
 
 
 def metric_name(keras_name: str) -> str:
@@ -428,22 +481,20 @@ def epoch_logger(first_step: int) -> Callable[[int, dict[str, float]], None]:
 
 
 def log_history(history: dict[str, list[float]], first_step: int) -> None:
-    """Log a reused stage's Keras history as if it had been streamed (in one request)."""
+    """Log a reused stage's Keras history as if it had been streamed."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    _log_batch("metrics", [
+    _pending.metrics.extend(
         Metric(metric_name(name), float(value), now, first_step + i)
         for name, values in history.items()
         for i, value in enumerate(values)
-    ])  # fmt: skip
+    )
 
 
 def set_tags(tags: dict[str, str]) -> None:
     """Tag the active run."""
-    from mlflow.entities import RunTag
-
-    _log_batch("tags", [RunTag(key, str(value)) for key, value in tags.items()])
+    _pending.tags.update({key: str(value) for key, value in tags.items()})
 
 
 def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
@@ -477,13 +528,15 @@ def log_datasets(name: str, origin: str, digests: dict[str, str]) -> None:
             source = resolve_dataset_source(str(Path(origin).resolve()))
     else:  # a generator, not a file
         source = CodeDatasetSource({"origin": origin})
-    for split, digest in digests.items():
-        _log_input(MetaDataset(source, name=f"{name}-{split}", digest=digest),
-                   _CONTEXTS.get(split, split))  # fmt: skip
+    splits = [
+        MetaDataset(source, name=f"{name}-{split}", digest=digest)
+        for split, digest in digests.items()
+    ]
+    _log_inputs(splits, [_CONTEXTS.get(split, split) for split in digests])
 
 
-def _log_input(dataset: Any, context: str) -> None:
-    """`mlflow.log_input`, retried when another job inserted the same new data set meanwhile.
+def _log_inputs(datasets: list[Any], contexts: list[str]) -> None:
+    """`mlflow.log_inputs`, retried when another job inserted the same new data set meanwhile.
 
     MLflow looks a data set up, then inserts it: two jobs logging the same new one at once
     collide on its unique key (seen with 2 sweeps on one SQLite store). The loser's retry
@@ -491,7 +544,7 @@ def _log_input(dataset: Any, context: str) -> None:
     """
     for attempt in range(3):
         try:
-            mlflow.log_input(dataset, context=context)
+            mlflow.log_inputs(datasets, contexts, [None] * len(datasets))
             return
         except MlflowException as e:
             if attempt == 2 or not _DUPLICATE.search(str(e)):

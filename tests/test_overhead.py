@@ -141,7 +141,7 @@ def test_a_dataset_logged_by_two_jobs_at_once_is_retried_not_failed(tmp_path, mo
     monkeypatch.setattr(MlflowClient, "log_inputs", racing)
     with track.tracked_run(experiment, "r", {}) as run_id:
         track.log_datasets("synthetic_falls", "synthetic", {"train": "abc", "test": "def"})
-    assert len(calls) == 3  # two splits, the first tried twice
+    assert len(calls) == 2  # both splits in one request, tried twice
     inputs = MlflowClient(mlflow.get_tracking_uri()).get_run(run_id).inputs.dataset_inputs
     names = sorted(i.dataset.name for i in inputs)
     assert names == ["synthetic_falls-test", "synthetic_falls-train"]

@@ -1,6 +1,6 @@
-"""fallopt's Hydra plugins without a cluster (their work is in fallopt.launching): the Ray
-launcher's checks and its record of a lost job, and the sweeper that composes each job once.
-The cluster itself is test_ray_cluster.py (slow)."""
+"""fallopt's Ray launcher without a cluster (its work is in fallopt.launching): its checks,
+and its record of a lost job. The cluster itself is test_ray_cluster.py (slow); the sweeper's
+config loader is test_composing.py."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from fallopt.config import TrackingConfig, validate
 from fallopt.identity import config_hash
 from fallopt.launching import (
     LOCAL_OBJECT_STORE_BYTES,
-    ComposeOnce,
     ExitAsError,
     JobExit,
     RayHeadError,
@@ -104,33 +103,6 @@ def test_a_job_lost_with_its_node_is_recorded_failed_and_its_run_killed(tmp_path
     orphan = client.get_run(orphan)
     assert orphan.info.status == "KILLED"
     assert orphan.data.tags["fallopt.error"].startswith("lost on Ray")
-
-
-class _CountingLoader:
-    def __init__(self) -> None:
-        self.calls = 0
-        self.name = "loader"
-
-    def load_sweep_config(self, master_config, sweep_overrides):
-        self.calls += 1
-        return OmegaConf.create({"job": list(sweep_overrides), "n": self.calls})
-
-
-def test_the_sweeper_composes_each_job_once_and_ships_no_configs_to_workers():
-    loader = _CountingLoader()
-    once = ComposeOnce(loader)
-    master = OmegaConf.create({})
-    jobs = [["seed=1"], ["seed=2"]]
-    checked = [once.load_sweep_config(master, job) for job in jobs]  # the batch check
-    launched = [once.load_sweep_config(master, job) for job in jobs]  # the launch
-    assert loader.calls == 2
-    assert [c.n for c in launched] == [1, 2] and checked == launched
-    assert checked[0] is not launched[0]  # the checker's copy is its own
-    assert once.name == "loader"  # the rest is the wrapped loader's
-    assert once.load_sweep_config(master, ["seed=1"]).n == 3  # asked a third time: composed
-    once.load_sweep_config(master, ["seed=9"])  # kept for a launch that has not come
-    shipped = pickle.loads(pickle.dumps(once))
-    assert shipped._composed == {} and shipped.name == "loader"
 
 
 def test_a_job_that_exits_on_ray_raises_its_code_and_errors_instead_of_killing_the_worker():

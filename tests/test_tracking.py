@@ -100,6 +100,67 @@ def test_a_ctrl_c_that_surfaces_as_another_error_ends_the_run_killed(tmp_path, m
     assert MlflowClient().get_run(run_id).info.status == "FAILED"
 
 
+def _log_a_little(step_metric: bool = False) -> None:
+    track.log_params({"seed": 0, "prune.sparsity": 0.5})
+    track.set_tags({"fallopt.stage.baseline": "built", "fallopt.note": "first"})
+    track.log_history({"loss": [0.9, 0.7]}, first_step=1)
+    if step_metric:  # an epoch ends: its curve point goes at once, and what waited with it
+        track.log_metrics({"train_loss": 0.5}, step=3)
+    track.set_tags({"fallopt.note": "last"})  # the last value set is the one kept
+    track.log_metrics({"test_accuracy": 0.75})
+
+
+@pytest.mark.parametrize("ends", ["FINISHED", "FAILED", "KILLED"])
+def test_what_a_run_logs_goes_in_few_requests_and_arrives_however_it_ends(
+    tmp_path, monkeypatch, ends
+):
+    monkeypatch.setattr(interrupt, "_received", False)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    experiment = track.connect(TrackingConfig(uri=mlflow.get_tracking_uri()))
+    log_batch, requests = MlflowClient.log_batch, []
+
+    def counted(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+        requests.append((len(metrics), len(params), len(tags)))
+        return log_batch(self, run_id, metrics, params, tags, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counted)
+    errors = {"FINISHED": contextlib.nullcontext(), "FAILED": pytest.raises(ValueError),
+              "KILLED": pytest.raises(KeyboardInterrupt)}  # fmt: skip
+    with errors[ends], track.tracked_run(experiment, "r", {"fallopt.config_hash": "h"}) as run_id:
+        _log_a_little()
+        if ends == "FAILED":
+            raise ValueError("a bad value")
+        if ends == "KILLED":
+            raise KeyboardInterrupt
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == ends
+    assert requests == [(3, 2, 3 if ends == "FAILED" else 2)]  # one request, error tag in it
+    assert run.data.params == {"seed": "0", "prune.sparsity": "0.5"}
+    assert run.data.tags["fallopt.note"] == "last"
+    assert run.data.tags["fallopt.stage.baseline"] == "built"
+    assert run.data.metrics == {"train_loss": 0.7, "test_accuracy": 0.75}
+    curve = MlflowClient().get_metric_history(run_id, "train_loss")
+    assert [(m.step, m.value) for m in curve] == [(1, 0.9), (2, 0.7)]
+    if ends == "FAILED":
+        assert run.data.tags["fallopt.error"] == "ValueError: a bad value"
+
+
+def test_an_epochs_metrics_go_at_once_with_what_waited(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    experiment = track.connect(TrackingConfig(uri=mlflow.get_tracking_uri()))
+    client = MlflowClient()
+    with track.tracked_run(experiment, "r", {}) as run_id:
+        _log_a_little(step_metric=True)
+        live = client.get_run(run_id).data  # while the run goes on
+        assert live.params == {"seed": "0", "prune.sparsity": "0.5"}
+        assert live.tags["fallopt.note"] == "first" and live.metrics == {"train_loss": 0.5}
+        assert "test_accuracy" not in live.metrics  # waits for the next request
+    done = client.get_run(run_id).data
+    assert done.tags["fallopt.note"] == "last" and done.metrics["test_accuracy"] == 0.75
+    steps = [(m.step, m.value) for m in client.get_metric_history(run_id, "train_loss")]
+    assert sorted(steps) == [(1, 0.9), (2, 0.7), (3, 0.5)]
+
+
 def test_sigint_handler_is_installed_only_where_ctrl_c_is_not_ignored(monkeypatch):
     import signal
 

@@ -2,8 +2,9 @@
 
 Hydra's BasicSweeper composes every job's config to check the batch before launching it, and
 the launcher then composes it again to run it: 0.1 s each time for fallopt's config, a fifth
-of a small job's overhead. This sweeper hands the launcher the config the check composed
-(`fallopt.launching.ComposeOnce`).
+of a small job's overhead. This sweeper's config loader (`fallopt.composing.ComposeOnce`)
+hands the launcher the config the check composed, and composes the defaults once for all
+jobs that differ only in values.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class Sweeper(BasicSweeper):
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
         """Set up the launcher with a config loader that composes each job once."""
-        from fallopt.launching import ComposeOnce
+        from fallopt.composing import ComposeOnce
 
         once = HydraContext(
             config_loader=ComposeOnce(hydra_context.config_loader),

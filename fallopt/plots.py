@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from fallopt.identity import file_digest  # noqa: E402
+from fallopt.memo import Memo  # noqa: E402
 
 
 def style_axes(ax: plt.Axes, xlabel: str, ylabel: str, title: str) -> None:
@@ -90,7 +91,7 @@ def draw_confusion(
 # PNGs drawn in this process, by what they show: a figure already drawn is copied, not drawn
 # again. A prune x quant grid's runs share their pruned model, so its confusion matrix and
 # curves (0.1 s each to draw) are drawn once per pruned model instead of once per run.
-_drawn: dict[str, tuple[Path, str]] = {}  # what a figure shows -> its file and bytes' hash
+_drawn: Memo[str, tuple[Path, str]] = Memo(256)  # what a figure shows -> its file, bytes' hash
 
 
 def _once(path: Path, content: object, draw: Callable[[], Path]) -> Path:
@@ -99,14 +100,12 @@ def _once(path: Path, content: object, draw: Callable[[], Path]) -> Path:
     The earlier file is copied only while it still holds what was drawn into it.
     """
     key = hashlib.sha256(repr(content).encode()).hexdigest()
-    earlier, drawn = _drawn.get(key, (None, ""))
+    earlier, drawn = _drawn.peek(key) or (None, "")
     if earlier is not None and earlier.is_file() and file_digest(earlier) == drawn:
         if earlier.resolve() != path.resolve():
             shutil.copyfile(earlier, path)
         return path
-    if len(_drawn) >= 256:
-        _drawn.clear()
-    _drawn[key] = (draw(), file_digest(path))
+    _drawn.put(key, lambda: (draw(), file_digest(path)))
     return path
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fallopt.backend import keras
+from fallopt.memo import Memo
 
 if TYPE_CHECKING:
     import tf_keras
@@ -98,14 +99,10 @@ def load_saved(path: Path) -> tf_keras.Model:
     """
     stat = path.stat()
     key = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
-    if key not in _loaded:
-        if len(_loaded) >= 4:
-            _loaded.pop(next(iter(_loaded)))  # the oldest
-        _loaded[key] = keras().models.load_model(path, compile=False)
-    return _loaded[key]
+    return _loaded.get(key, lambda: keras().models.load_model(path, compile=False))
 
 
-_loaded: dict[tuple[int, int, int, int], Any] = {}
+_loaded: Memo[tuple[int, int, int, int], Any] = Memo(4)
 
 
 def save_model(model: tf_keras.Model, path: Path) -> Path:

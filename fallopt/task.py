@@ -43,6 +43,7 @@ from fallopt.errors import ConfigError
 from fallopt.evaluate import Evaluation, evaluate_keras, evaluate_probabilities
 from fallopt.identity import digest
 from fallopt.litert import TFLiteModel, host_cpu
+from fallopt.memo import Memo
 from fallopt.models import build_model
 from fallopt.plots import confusion_matrix_png, training_curves_png
 from fallopt.size import Measuring, file_size, load_saved, nonzero_params
@@ -84,18 +85,13 @@ def _preflight(cfg: FalloptConfig, data: Dataset) -> tuple[Schedule | None, np.n
 # What the jobs of a sweep in one process share: the data set (0.2 s to load at 96x96 and
 # 2,000 images), the model built for the checks before a run (0.1-0.3 s; the checks only read
 # it) and each check's answer, by everything it reads.
-_shared: dict[str, Any] = {}
-_data: dict[str, Dataset] = {}  # one data set at a time: a sweep's jobs share one
+_shared: Memo[str, Any] = Memo(64)
+_data: Memo[str, Dataset] = Memo(1)  # one data set at a time: a sweep's jobs share one
 
 
 def _once(key: list[Any], make: Callable[[], Any]) -> Any:
     """`make()`, computed once per process for each `key` (a JSON-able description)."""
-    name = digest(key)
-    if name not in _shared:
-        if len(_shared) >= 64:
-            _shared.clear()
-        _shared[name] = make()
-    return _shared[name]
+    return _shared.get(digest(key), make)
 
 
 def _load_data(cfg: FalloptConfig) -> Dataset:
@@ -106,10 +102,7 @@ def _load_data(cfg: FalloptConfig) -> Dataset:
     """
     d = cfg.dataset
     key = digest([repr(d), d.sources(), cfg.train.val_split, cfg.seed])
-    if key not in _data:
-        _data.clear()
-        _data[key] = load_dataset(d, cfg.train.val_split, cfg.seed)
-    return _data[key]
+    return _data.get(key, lambda: load_dataset(d, cfg.train.val_split, cfg.seed))
 
 
 def _check_model(cfg: FalloptConfig, data: Dataset) -> Schedule | None:

@@ -7,19 +7,29 @@ the checked config for the launch, and composes the defaults once per distinct s
 overrides that can change them. Jobs differing only in values (`prune.sparsity=0.2` against
 `0.5`) share that composition: the job's values are set on a copy exactly as Hydra sets them
 after composing (`ConfigLoaderImpl._apply_overrides_to_config`), 5 ms instead of 100.
-tests/test_composing.py holds the result equal to Hydra's own, override kind by kind.
+tests/test_composing.py holds the result equal to Hydra's own, override kind by kind. One
+difference is meant: a job launches with the config its batch was checked with, so what
+Hydra reads from the process (`hydra.job.env_copy`, the working directory) is read when the
+batch is checked, not after the jobs before it ran.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
 from typing import Any
 
 from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from fallopt.memo import Memo
+
+# Compositions kept for reuse: a grid cycles through its choices of config groups, and each
+# kept config holds a whole Hydra config.
+KEPT_COMPOSITIONS = 16
 
 
 class ComposeOnce:
@@ -28,8 +38,8 @@ class ComposeOnce:
     def __init__(self, loader: ConfigLoaderImpl) -> None:
         self._loader = loader
         self._composed: dict[tuple[int, tuple[str, ...]], DictConfig] = {}  # checked, to launch
-        self._defaults: dict[tuple[int, tuple[str, ...]], DictConfig] = {}  # by what shapes them
-        self._repos: dict[tuple[int, tuple[str, ...]], Any] = {}  # the groups Hydra would see
+        self._defaults: Memo[tuple[int, tuple[str, ...]], DictConfig] = Memo(KEPT_COMPOSITIONS)
+        self._repos: Memo[tuple[int, tuple[str, ...]], Any] = Memo(KEPT_COMPOSITIONS)
         self.full_compositions = 0  # how often Hydra composed (tests count them)
 
     def load_sweep_config(
@@ -60,15 +70,19 @@ class ComposeOnce:
         shaping = [o for o in parsed if not _only_sets_a_value(o, repo)]
         if not values or not all(_shapes_defaults(o, repo) for o in shaping):
             return self._hydra(master, overrides)
-        key = (id(master), tuple(o.input_line for o in shaping))
-        if key not in self._defaults:
-            self._defaults[key] = self._hydra(master, [o.input_line for o in shaping])
-        config = copy.deepcopy(self._defaults[key])
+        lines = [o.input_line for o in shaping]
         try:
+            composed = self._defaults.get((id(master), tuple(lines)),
+                                          lambda: self._hydra(master, lines))  # fmt: skip
+            config = copy.deepcopy(composed)
             ConfigLoaderImpl._apply_overrides_to_config(values, config)
         except Exception:
-            return self._hydra(master, overrides)  # Hydra's own error, worded as it words it
-        # What Hydra derives from the whole list, in the list's order.
+            return self._hydra(master, overrides)  # Hydra's own error, for the first bad one
+        # What Hydra reads from the process, as it is now; and derives from the whole list.
+        with open_dict(config.hydra):
+            for key in config.hydra.job.env_copy:
+                config.hydra.job.env_set[key] = os.environ[key]
+        config.hydra.runtime.cwd = os.getcwd()
         task = [o for o in parsed if not o.is_hydra_override()]
         config.hydra.overrides.task = [o.input_line for o in task]
         dirname = config.hydra.job.config.override_dirname
@@ -87,13 +101,13 @@ class ComposeOnce:
 
     def _repo(self, master: DictConfig, hydra_overrides: tuple[str, ...]) -> Any:
         """The config repository Hydra composes from: only Hydra's overrides can change it."""
-        key = (id(master), hydra_overrides)
-        if key not in self._repos:
-            lines = [*OmegaConf.to_container(master.hydra.overrides.hydra), *hydra_overrides]
-            self._repos[key] = self._loader._parse_overrides_and_create_caching_repo(
+        lines = [*OmegaConf.to_container(master.hydra.overrides.hydra), *hydra_overrides]
+        return self._repos.get(
+            (id(master), hydra_overrides),
+            lambda: self._loader._parse_overrides_and_create_caching_repo(
                 master.hydra.job.config_name, lines
-            )[1]
-        return self._repos[key]
+            )[1],
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loader, name)

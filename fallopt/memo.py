@@ -17,6 +17,8 @@ class Memo(Generic[K, V]):
     """
 
     def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"a memo holds at least one value, not {size}")
         self._size = size
         self._values: dict[K, V] = {}
 
@@ -37,6 +39,9 @@ class Memo(Generic[K, V]):
             self._values.pop(next(iter(self._values)))  # the oldest
         self._values[key] = value = make()
         return value
+
+    def __len__(self) -> int:
+        return len(self._values)
 
     def clear(self) -> None:
         """Forget every value."""

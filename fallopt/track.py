@@ -337,116 +337,137 @@ def tracked_run(experiment_id: str, run_name: str | None, tags: dict[str, str]) 
     The run ends FINISHED on success, KILLED on Ctrl-C and FAILED on any error (with the error
     as tag `fallopt.error`): it is never left RUNNING. A Ctrl-C that some library swallowed
     still ends it KILLED (see `interrupt`). In a Ray worker the run beats a heartbeat, so a
-    writer that dies on another host is found dead by later jobs (`reap_dead_runs`). What the
-    body logged but had not sent (`_Pending`) is sent before the run ends, however it ends.
+    writer that dies on another host is found dead by later jobs (`reap_dead_runs`). Tags and
+    final metrics the body logs wait for the run's next request (`_Waiting`); whatever waits
+    when the run ends is sent, however it ends.
     """
     global _last_run_id
     # A Ray worker may run on another host: its run beats, so that others can tell it died.
     remote = ray_node() is not None
     if remote:
         tags = {**tags, HEARTBEAT_TAG: f"{time.time():.0f}"}
-    _pending.clear()
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
-    _last_run_id = run.info.run_id
-    heartbeat = Heartbeat(mlflow.get_tracking_uri(), run.info.run_id) if remote else None
+    run_id = _last_run_id = run.info.run_id
+    _waiting.start(run_id)
+    heartbeat = Heartbeat(mlflow.get_tracking_uri(), run_id) if remote else None
     try:
         interrupt.check()
-        yield run.info.run_id
+        yield run_id
         interrupt.check()
-        _send()
+        _send(run_id)
     except KeyboardInterrupt:
-        _end_killed()
+        _end_killed(run_id)
         raise
     except BaseException as e:
         if interrupt.received():  # Ctrl-C, surfacing as the error of what it cut short
-            _end_killed()
+            _end_killed(run_id)
             raise KeyboardInterrupt("Ctrl-C (SIGINT) received") from e
         try:
-            _pending.tags["fallopt.error"] = f"{type(e).__name__}: {e}"[:MAX_TAG]
-            _send_quietly()
+            _send_quietly(run_id, {"fallopt.error": f"{type(e).__name__}: {e}"[:MAX_TAG]})
         finally:
             mlflow.end_run("FAILED")
         raise
     finally:
-        _pending.clear()
+        _waiting.start(None)
         if heartbeat is not None:
             heartbeat.stop()
     mlflow.end_run("FINISHED")
 
 
-def _end_killed() -> None:
-    """End the active run KILLED; a store that cannot say so must not hide the Ctrl-C."""
-    _send_quietly()
+def _end_killed(run_id: str) -> None:
+    """End the run KILLED, then send what waited: a second Ctrl-C meanwhile leaves it KILLED.
+
+    A store that cannot say so must not hide the Ctrl-C.
+    """
     try:
         mlflow.end_run("KILLED")
     except Exception as e:
         log.warning("[track] cannot mark the interrupted run KILLED: %s", e)
+    _send_quietly(run_id)
 
 
-class _Pending:
-    """What the active run logged and has not sent yet: its params, tags and final metrics.
+class _Waiting:
+    """The tags and final metrics of `tracked_run`'s run that wait for its next request.
 
-    A job logs them a dozen times; each request costs 5 ms on SQLite and 20-30 ms against a
-    server, so they go in one request, with the next epoch's metrics (training curves stay
-    live) or when the run ends. Tags and params by key: the last value set is the one sent.
+    A job tags and scores its run a dozen times; each request costs 5 ms on SQLite and 20-30
+    ms against a server. They go with the next request the run makes anyway (its params, an
+    epoch's metrics) or when it ends. Params are never kept waiting: a run that dies still
+    shows its config. Tags by key: the last value set is the one sent.
     """
 
     def __init__(self) -> None:
-        self.params: dict[str, str] = {}
+        self.run_id: str | None = None
         self.tags: dict[str, str] = {}
         self.metrics: list[Any] = []
 
-    def clear(self) -> None:
-        self.params, self.tags, self.metrics = {}, {}, []
+    def start(self, run_id: str | None) -> None:
+        """Keep what `run_id` logs waiting (None: send everything at once), nothing yet."""
+        self.run_id, self.tags, self.metrics = run_id, {}, []
 
-    def take(self) -> tuple[dict[str, str], dict[str, str], list[Any]]:
-        taken = self.params, self.tags, self.metrics
-        self.clear()
-        return taken
-
-
-_pending = _Pending()
+    def here(self) -> bool:
+        """Whether what is logged now may wait: the active run is `tracked_run`'s."""
+        run = mlflow.active_run()
+        return run is not None and run.info.run_id == self.run_id
 
 
-def _send(metrics: Sequence[Any] = ()) -> None:
-    """Send `metrics` and whatever is pending to the active run, in as few requests as can be.
+_waiting = _Waiting()
 
-    MLflow takes at most 100 params, 100 tags and 1,000 entities in all per request.
+
+def _send(
+    run_id: str,
+    tags: dict[str, str] | None = None,
+    metrics: Sequence[Any] = (),
+    params: Sequence[Any] = (),
+) -> None:
+    """Send these and what waits for `run_id` in one request (MLflow splits it if need be).
+
+    What waited is forgotten only once sent.
     """
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import RunTag
 
-    params, tags, pending_metrics = _pending.take()
-    params_left = [Param(k, v) for k, v in params.items()]
-    tags_left = [RunTag(k, v) for k, v in tags.items()]
-    metrics_left = [*pending_metrics, *metrics]
-    c, run_id = _active()
-    while params_left or tags_left or metrics_left:
-        p, t = params_left[:100], tags_left[:100]
-        m = metrics_left[: 1000 - len(p) - len(t)]
-        c.log_batch(run_id, metrics=m, params=p, tags=t)
-        params_left, tags_left = params_left[len(p) :], tags_left[len(t) :]
-        metrics_left = metrics_left[len(m) :]
+    waited = _waiting.run_id == run_id
+    all_tags = {**(_waiting.tags if waited else {}), **(tags or {})}
+    all_metrics = [*(_waiting.metrics if waited else []), *metrics]
+    if all_tags or all_metrics or params:
+        current_client().log_batch(
+            run_id,
+            metrics=all_metrics,
+            params=list(params),
+            tags=[RunTag(k, v) for k, v in all_tags.items()],
+        )
+    if waited:
+        _waiting.tags, _waiting.metrics = {}, []
 
 
-def _send_quietly() -> None:
+def _send_quietly(run_id: str, tags: dict[str, str] | None = None) -> None:
     """`_send`, for a run that is ending anyway: a store that fails here fails the end too."""
     try:
-        _send()
+        _send(run_id, tags)
     except Exception as e:
-        log.warning("[track] cannot send the run's last params, tags and metrics: %s", e)
+        log.warning("[track] cannot send the run's last tags and metrics: %s", e)
 
 
-def _active() -> tuple[MlflowClient, str]:
-    """The process's client for the store, and the active run's id."""
+def _active_run_id() -> str:
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("no active MLflow run (track.tracked_run starts one)")
-    return current_client(), run.info.run_id
+    return run.info.run_id
+
+
+def _log(tags: dict[str, str] | None = None, metrics: Sequence[Any] = ()) -> None:
+    """Log to the active run: waiting for its next request inside `tracked_run`, else now."""
+    if _waiting.here():
+        _waiting.tags.update(tags or {})
+        _waiting.metrics.extend(metrics)
+    else:
+        _send(_active_run_id(), tags, metrics)
 
 
 def log_params(flat: dict[str, Any]) -> None:
-    """Log already flattened params; values become strings as MLflow stores them."""
-    _pending.params.update({key: str(value) for key, value in flat.items()})
+    """Log already flattened params (at once); values become strings as MLflow stores them."""
+    from mlflow.entities import Param
+
+    _send(_active_run_id(), params=[Param(key, str(value)) for key, value in flat.items()])
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
@@ -456,9 +477,9 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     now = int(time.time() * 1000)
     logged = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
     if step is None:
-        _pending.metrics.extend(logged)
+        _log(metrics=logged)
     else:
-        _send(logged)
+        _send(_active_run_id(), metrics=logged)
 
 
 def metric_name(keras_name: str) -> str:
@@ -485,21 +506,22 @@ def log_history(history: dict[str, list[float]], first_step: int) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    _pending.metrics.extend(
+    logged = [
         Metric(metric_name(name), float(value), now, first_step + i)
         for name, values in history.items()
         for i, value in enumerate(values)
-    )
+    ]
+    _log(metrics=logged)
 
 
 def set_tags(tags: dict[str, str]) -> None:
     """Tag the active run."""
-    _pending.tags.update({key: str(value) for key, value in tags.items()})
+    _log({key: str(value) for key, value in tags.items()})
 
 
 def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
     """Copy files into the run's artifact store."""
-    c, run_id = _active()
+    c, run_id = current_client(), _active_run_id()
     for path in paths:
         c.log_artifact(run_id, str(path), artifact_path=artifact_path)
 

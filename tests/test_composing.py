@@ -87,7 +87,9 @@ def test_a_bad_value_fails_with_hydras_own_words(hydra_loader):
     loader, master = hydra_loader
     once = ComposeOnce(loader)
     once.load_sweep_config(master, ["prune.sparsity=0.5"])
-    for bad in (["prune.sparsty=0.5"], ["prune.sparsity=[oops"]):
+    bad_jobs = (["prune.sparsty=0.5"], ["prune.sparsity=[oops"], ["quant=nope", "seed=1"],
+                ["prune.sparsty=1", "hydra.job.chdr=true"])  # fmt: skip
+    for bad in bad_jobs:
         with pytest.raises(Exception) as ours:
             once.load_sweep_config(master, bad)
         with pytest.raises(Exception) as hydras:
@@ -97,10 +99,26 @@ def test_a_bad_value_fails_with_hydras_own_words(hydra_loader):
         once.load_sweep_config(master, ["prune.sparsty=0.5"])
 
 
+def test_what_hydra_reads_from_the_process_is_read_for_each_job(hydra_loader, monkeypatch):
+    loader, _ = hydra_loader
+    monkeypatch.setenv("FALLOPT_TEST_V", "zero")
+    master = loader.load_configuration(
+        "config", [*MASTER_OVERRIDES, "hydra.job.env_copy=[FALLOPT_TEST_V]"], RunMode.MULTIRUN
+    )
+    once = ComposeOnce(loader)
+    for seed, value in enumerate(("one", "two")):  # the second reuses the first's defaults
+        monkeypatch.setenv("FALLOPT_TEST_V", value)
+        job = [f"seed={seed}", "prune.sparsity=0.3"]
+        ours, hydras = once.load_sweep_config(master, job), loader.load_sweep_config(master, job)
+        _same(ours, hydras)
+        assert ours.hydra.job.env_set["FALLOPT_TEST_V"] == value
+    assert once.full_compositions == 1
+
+
 def test_the_loader_ships_to_workers_without_configs(hydra_loader):
     loader, master = hydra_loader
     once = ComposeOnce(loader)
     once.load_sweep_config(master, ["seed=9"])  # kept for a launch that has not come
     assert once.get_sources() == loader.get_sources()  # the rest is the wrapped loader's
     shipped = pickle.loads(pickle.dumps(once))
-    assert shipped._composed == {} and shipped._defaults == {} and shipped.full_compositions == 0
+    assert shipped._composed == {} and not shipped._defaults and shipped.full_compositions == 0

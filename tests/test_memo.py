@@ -17,7 +17,7 @@ def test_a_value_is_made_once_and_the_oldest_is_forgotten_first():
         1, 2, 1, 3, 2, 4,
     ]  # fmt: skip
     assert made == ["a", "b", "c", "a"]  # "a", the oldest, went when "c" came
-    assert memo.peek("a") == 4 and memo.peek("b") is None
+    assert memo.peek("a") == 4 and memo.peek("b") is None and len(memo) == 2
     memo.clear()
     assert memo.peek("a") is None
 

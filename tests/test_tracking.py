@@ -9,6 +9,7 @@ import sys
 
 import mlflow
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fallopt import interrupt, track
@@ -134,7 +135,8 @@ def test_what_a_run_logs_goes_in_few_requests_and_arrives_however_it_ends(
             raise KeyboardInterrupt
     run = MlflowClient().get_run(run_id)
     assert run.info.status == ends
-    assert requests == [(3, 2, 3 if ends == "FAILED" else 2)]  # one request, error tag in it
+    # The params at once (a run that dies still shows its config); the rest in one request.
+    assert requests == [(0, 2, 0), (3, 0, 3 if ends == "FAILED" else 2)]
     assert run.data.params == {"seed": "0", "prune.sparsity": "0.5"}
     assert run.data.tags["fallopt.note"] == "last"
     assert run.data.tags["fallopt.stage.baseline"] == "built"
@@ -143,6 +145,36 @@ def test_what_a_run_logs_goes_in_few_requests_and_arrives_however_it_ends(
     assert [(m.step, m.value) for m in curve] == [(1, 0.9), (2, 0.7)]
     if ends == "FAILED":
         assert run.data.tags["fallopt.error"] == "ValueError: a bad value"
+
+
+def test_what_waits_is_not_lost_when_a_request_fails(tmp_path, monkeypatch):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    experiment = track.connect(TrackingConfig(uri=mlflow.get_tracking_uri()))
+    log_batch, failures = MlflowClient.log_batch, [1]
+
+    def fails_once_at_the_end(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+        if failures and any(t.key == "fallopt.note" for t in tags):
+            failures.pop()
+            raise MlflowException("the store is busy")
+        return log_batch(self, run_id, metrics, params, tags, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", fails_once_at_the_end)
+    with pytest.raises(MlflowException), track.tracked_run(experiment, "r", {}) as run_id:
+        _log_a_little()
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["fallopt.error"] == "MlflowException: the store is busy"
+    assert run.data.tags["fallopt.note"] == "last"  # sent with the error, not lost
+    assert run.data.metrics == {"train_loss": 0.7, "test_accuracy": 0.75}
+
+
+def test_outside_tracked_run_everything_is_sent_at_once(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    experiment = track.connect(TrackingConfig(uri=mlflow.get_tracking_uri()))
+    with mlflow.start_run(experiment_id=experiment) as run:
+        _log_a_little()
+        data = MlflowClient().get_run(run.info.run_id).data
+    assert data.tags["fallopt.note"] == "last" and data.metrics["test_accuracy"] == 0.75
 
 
 def test_an_epochs_metrics_go_at_once_with_what_waited(tmp_path):

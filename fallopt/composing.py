@@ -66,8 +66,10 @@ class ComposeOnce:
         except Exception:
             return self._hydra(master, overrides)  # Hydra's own error
         repo = self._repo(master, tuple(o.input_line for o in parsed if o.is_hydra_override()))
-        values = [o for o in parsed if _only_sets_a_value(o, repo)]
-        shaping = [o for o in parsed if not _only_sets_a_value(o, repo)]
+        values: list[Override] = []
+        shaping: list[Override] = []
+        for o in parsed:
+            (values if _only_sets_a_value(o, repo) else shaping).append(o)
         if not values or not all(_shapes_defaults(o, repo) for o in shaping):
             return self._hydra(master, overrides)
         lines = [o.input_line for o in shaping]
@@ -101,11 +103,11 @@ class ComposeOnce:
 
     def _repo(self, master: DictConfig, hydra_overrides: tuple[str, ...]) -> Any:
         """The config repository Hydra composes from: only Hydra's overrides can change it."""
-        lines = [*OmegaConf.to_container(master.hydra.overrides.hydra), *hydra_overrides]
         return self._repos.get(
             (id(master), hydra_overrides),
             lambda: self._loader._parse_overrides_and_create_caching_repo(
-                master.hydra.job.config_name, lines
+                master.hydra.job.config_name,
+                [*OmegaConf.to_container(master.hydra.overrides.hydra), *hydra_overrides],
             )[1],
         )
 
